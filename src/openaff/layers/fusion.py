@@ -1,0 +1,197 @@
+"""Feature fusion modules and the factory that maps a short name to one.
+
+Every module has the signature ``fuse(x, y)`` with the authors' argument order:
+
+* ``x``: the output of the residual branch (in general: the input with the larger receptive
+  field, e.g. the upsampled high-level map of an FPN);
+* ``y``: the shortcut / identity (the input with the smaller receptive field).
+
+The paper writes its equations with the identity as ``X`` and the residual as ``Y``; the
+authors' block code passes the residual first. The two differ only in which input receives
+``w`` and which ``1 - w``; we follow the code, so converted weights compute what they did.
+
+Adding a fusion type takes a class with ``__init__(self, channels, r)`` and ``forward(x, y)``
+decorated with ``@register_fusion("name")``; every model family picks it up by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .mscam import MSCAM
+
+__all__ = [
+    "AFF",
+    "IAFF",
+    "MSGAU",
+    "MSSA",
+    "MSSE",
+    "AddFusion",
+    "ConcatFusion",
+    "create_fusion",
+    "fusion_names",
+    "register_fusion",
+]
+
+_FUSIONS: dict[str, type[nn.Module]] = {}
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def register_fusion(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator that makes a fusion module available to :func:`create_fusion` as ``name``."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        key = _canonical(name)
+        if key in _FUSIONS and _FUSIONS[key] is not cls:
+            raise ValueError(f"fusion type {name!r} is already registered by {_FUSIONS[key].__name__}")
+        _FUSIONS[key] = cls
+        cls.fusion_name = key
+        return cls
+
+    return wrap
+
+
+def fusion_names() -> list[str]:
+    """The names :func:`create_fusion` accepts."""
+    return sorted(_FUSIONS)
+
+
+def create_fusion(name: str, channels: int, r: int = 4) -> nn.Module:
+    """Build a fusion module from its short name.
+
+    Args:
+        name: one of :func:`fusion_names` (``"add"``, ``"aff"``, ``"iaff"``, ...), case-insensitive.
+        channels: channels of both inputs (and of the output).
+        r: channel reduction of the MS-CAMs inside (ignored by fusions without attention).
+    """
+    cls = _FUSIONS.get(_canonical(name)) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown fusion type {name!r}; choose one of {', '.join(fusion_names())}")
+    return cls(channels, r)
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
+    if x.shape != y.shape:
+        raise ValueError(f"fusion inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"fusion expects B x {channels} x H x W inputs, got {tuple(x.shape)}")
+
+
+@register_fusion("add")
+class AddFusion(nn.Module):
+    """Plain addition ``x + y`` (the authors' ``DirectAddFuse``); no parameters."""
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+
+@register_fusion("aff")
+class AFF(nn.Module):
+    """Attentional feature fusion (the authors' ``ASKCFuse``).
+
+    ``w = M(x + y)``; ``out = 2·x·w + 2·y·(1 − w)``.
+
+    The factor 2 is in the authors' code, not in the paper's equation: it keeps the two weights
+    summing to 2, like plain ``x + y``, and their trained weights depend on it.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction of the MS-CAM.
+    """
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.mscam = MSCAM(channels, r)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.mscam.channels)
+        w = self.mscam(x + y)
+        return 2 * x * w + 2 * y * (1 - w)
+
+
+@register_fusion("iaff")
+class IAFF(nn.Module):
+    """Iterative attentional feature fusion (the authors' ``ResGlobLocaforGlobLocaChaFuse``).
+
+    ``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``out = x·w2 + y·(1 − w2)``,
+    with two independent MS-CAMs and no factor 2.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction of both MS-CAMs.
+    """
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.mscam1 = MSCAM(channels, r)
+        self.mscam2 = MSCAM(channels, r)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.mscam1.channels)
+        w1 = self.mscam1(x + y)
+        z = x * w1 + y * (1 - w1)
+        w2 = self.mscam2(z)
+        return x * w2 + y * (1 - w2)
+
+
+@register_fusion("concat")
+class ConcatFusion(nn.Module):
+    """``Conv1x1([x, y])`` back to ``channels`` (paper Table 1, "Concatenation"); conv with bias."""
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.channels = channels
+        self.conv = nn.Conv2d(2 * channels, channels, 1, bias=True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.channels)
+        return self.conv(torch.cat([x, y], dim=1))
+
+
+@register_fusion("ms_se")
+class MSSE(nn.Module):
+    """Refinement, SENet-like (paper's MS-SE): ``y + M(x)·x``."""
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.mscam = MSCAM(channels, r)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.mscam.channels)
+        return y + self.mscam(x) * x
+
+
+@register_fusion("ms_gau")
+class MSGAU(nn.Module):
+    """Modulation, GAU-like (paper's MS-GAU): ``M(x)·y + x``."""
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.mscam = MSCAM(channels, r)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.mscam.channels)
+        return self.mscam(x) * y + x
+
+
+@register_fusion("ms_sa")
+class MSSA(nn.Module):
+    """Modulation, fully context-aware (paper's MS-SA): ``M(x + y)·y + x``."""
+
+    def __init__(self, channels: int, r: int = 4) -> None:
+        super().__init__()
+        self.mscam = MSCAM(channels, r)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.mscam.channels)
+        return self.mscam(x + y) * y + x

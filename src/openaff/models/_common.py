@@ -1,0 +1,142 @@
+"""What the three model families share: input checks, the classifier head and timm's model API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import create_classifier
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a ValueError naming the problem when ``x`` is not a ``B x in_chans x H x W`` batch."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise ValueError(f"expected a 4-D image batch B x {in_chans} x H x W, got shape {tuple(x.shape)}{hint}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+            f"build the model with in_chans={x.shape[1]} or convert the images"
+        )
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan-out) convolutions, unit BatchNorm, zero biases, as in timm's ResNet."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ClassifierMixin:
+    """timm's classifier API on top of ``forward_features``.
+
+    The class sets ``num_classes``, ``num_features``, ``drop_rate``, ``global_pool``, ``fc``,
+    ``in_chans`` and ``grad_checkpointing``, and lists its stages in ``stage_names``.
+    """
+
+    stage_names: tuple[str, ...] = ()
+
+    def _init_head(self, num_features: int, num_classes: int, global_pool: str) -> None:
+        self.num_features = self.head_hidden_size = num_features
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
+
+    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        stages = [getattr(self, name) for name in self.stage_names]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(nn.Sequential(*stages), x)
+        for stage in stages:
+            x = stage(x)
+        return x
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.num_classes = num_classes
+        device = next(self.parameters()).device
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool.to(device)
+        self.fc.to(device)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def fuse_with_drop_path(fusion: nn.Module, x: torch.Tensor, shortcut: torch.Tensor,
+                        drop_path: nn.Module | None) -> torch.Tensor:
+    """``fusion(x, shortcut)``, with stochastic depth applied to the block's contribution.
+
+    Stochastic depth drops ``fused - shortcut``, so a dropped block is the identity for every
+    fusion type; zeroing ``x`` before an AFF (as ``x + shortcut`` models do) would not be.
+    """
+    out = fusion(x, shortcut)
+    if drop_path is None:
+        return out
+    return shortcut + drop_path(out - shortcut)
+
+
+def downsample_avg(inplanes: int, outplanes: int, stride: int, norm: bool = True) -> nn.Sequential:
+    """ResNet-D shortcut: AvgPool(stride) -> Conv1x1 [-> BN]; the pool is an identity at stride 1.
+
+    ``ceil_mode`` keeps the shortcut the size of the strided 3x3 convolution on odd inputs
+    (7 -> 4, not 3), e.g. for 28x28 Fashion-MNIST images.
+    """
+    pool = (nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+            if stride > 1 else nn.Identity())
+    layers = [pool, nn.Conv2d(inplanes, outplanes, 1, bias=False)]
+    if norm:
+        layers.append(nn.BatchNorm2d(outplanes))
+    return nn.Sequential(*layers)
+
+
+def make_stages(block_cls: type[nn.Module], layers: Sequence[int], inplanes: int, widths: Sequence[int],
+                strides: Sequence[int], reduction: int, fusions: Sequence[str], r: int,
+                drop_path_rate: float = 0.0, downsample_norm: bool = True,
+                **block_kwargs) -> tuple[list[nn.Sequential], list[dict]]:
+    """Build residual stages whose blocks take ``(inplanes, planes, stride, downsample, fusion=, r=, drop_path=)``.
+
+    The first block of a stage gets an average-pool shortcut when the stride or width changes;
+    stochastic depth rises linearly over all blocks. Returns the stages and their feature info
+    (module names ``layer1``, ``layer2``, ...).
+    """
+    stages, info = [], []
+    total, idx = sum(layers), 0
+    for stage_idx, (depth, planes, stride, fusion) in enumerate(zip(layers, widths, strides, fusions, strict=True)):
+        reduction *= stride
+        outplanes = planes * block_cls.expansion
+        blocks = []
+        for i in range(depth):
+            downsample = None
+            if i == 0 and (stride != 1 or inplanes != outplanes):
+                downsample = downsample_avg(inplanes, outplanes, stride, norm=downsample_norm)
+            blocks.append(block_cls(inplanes, planes, stride if i == 0 else 1, downsample, fusion=fusion, r=r,
+                                    drop_path=drop_path_rate * idx / max(total - 1, 1), **block_kwargs))
+            inplanes = outplanes
+            idx += 1
+        stages.append(nn.Sequential(*blocks))
+        info.append(dict(num_chs=outplanes, reduction=reduction, module=f"layer{stage_idx + 1}"))
+    return stages, info
