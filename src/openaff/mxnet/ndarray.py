@@ -1,9 +1,10 @@
 """Read and write MXNet NDArray-list files (Gluon ``.params`` weights) with numpy only.
 
-MXNet is retired and no maintained library reads its weight files without importing MXNet itself, whose
-wheels no longer install on current Pythons. The format is small, so it is parsed here by hand, with every
-length checked against the bytes that remain so that a damaged or hostile file raises
-:class:`MXNetFormatError` instead of crashing, hanging or allocating memory the file cannot back.
+MXNet has been retired to the Apache Attic, and no maintained library reads its weight files without
+importing MXNet itself, whose last wheels predate current Python and numpy. The format is small, so it is
+parsed here by hand, with every length checked against the bytes that remain, so that a damaged or hostile
+file raises :class:`MXNetFormatError` instead of crashing, hanging or allocating memory the file cannot
+back. The whole file is read into memory once; arrays are copied out of it.
 
 Layout (everything little-endian)::
 
@@ -21,7 +22,9 @@ Choices that MXNet itself leaves open or that differ between its versions:
 * "None" arrays. MXNet writes an uninitialised array as its shape alone: ndim 0 in v1/v2/legacy, ndim -1
   (or a dim of -1) in v3, with no context, dtype or data after it. Such an entry is read as an empty
   float32 array of shape ``(0,)``. In v3, ndim 0 is a real 0-d scalar with one element; the writer
-  therefore refuses 0-d arrays for versions 0, 1 and 2, where they cannot be represented.
+  therefore refuses 0-d arrays for versions 0, 1 and 2, where they cannot be represented. A zero-size
+  shape with ndim >= 1, e.g. ``(3, 0)``, is an ordinary array with context and dtype in every version, as
+  the MXNet versions that wrote each layout saved it.
 * float16 and bfloat16 data are upcast to float32; every other dtype is kept (native byte order).
 * Bytes after the name table are an error: MXNet ignores them, but in a weight file they only ever mean
   that a count was misread or the file was damaged.
@@ -36,8 +39,9 @@ import re
 import struct
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 
@@ -94,6 +98,8 @@ _KIND_SIZE_FLAGS = {
 _MIN_ARRAY_BYTES = 4
 _U32, _I32, _U64 = struct.Struct("<I"), struct.Struct("<i"), struct.Struct("<Q")
 
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes]
+
 
 class MXNetFormatError(ValueError):
     """Raised for any problem found in an MXNet NDArray-list file.
@@ -112,15 +118,13 @@ class MXNetFormatError(ValueError):
         super().__init__((f"{path}: " if path else "") + where + problem)
 
 
+@dataclass(frozen=True, slots=True)
 class _Entry:
     """One parsed array: its stored name (None when unnamed) and where its name table entry starts."""
 
-    __slots__ = ("array", "name", "name_offset")
-
-    def __init__(self, array: np.ndarray, name: str | None, name_offset: int | None) -> None:
-        self.array = array
-        self.name = name
-        self.name_offset = name_offset
+    array: np.ndarray
+    name: str | None
+    name_offset: int | None
 
 
 class _Reader:
@@ -149,14 +153,13 @@ class _Reader:
         return value
 
 
-def _as_buffer(
-    source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
-) -> tuple[memoryview, str | None]:
+def _as_buffer(source: Source) -> tuple[memoryview, str | None]:
     """Returns the whole file as one memoryview (read once) and its path, if any."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return memoryview(source).cast("B"), None
     if hasattr(source, "read"):
-        return memoryview(source.read()), getattr(source, "name", None)
+        name = getattr(source, "name", None)
+        return memoryview(source.read()), name if isinstance(name, str) else None
     path = os.fspath(source)
     return memoryview(Path(path).read_bytes()), str(path)
 
@@ -246,7 +249,7 @@ def _none_array() -> np.ndarray:
     return np.empty((0,), dtype=np.float32)
 
 
-def _parse(source: Any) -> tuple[list[_Entry], str | None]:
+def _parse(source: Source) -> tuple[list[_Entry], str | None]:
     """Parses a whole NDArray-list file into entries in file order."""
     buf, path = _as_buffer(source)
     r = _Reader(buf, path)
@@ -297,9 +300,7 @@ def _parse(source: Any) -> tuple[list[_Entry], str | None]:
     return entries, path
 
 
-def load_ndarray_list(
-    source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
-) -> dict[str, np.ndarray]:
+def load_ndarray_list(source: Source) -> dict[str, np.ndarray]:
     """Loads an MXNet NDArray-list file (``nd.save`` / Gluon ``save_parameters`` output).
 
     float16 and bfloat16 arrays are upcast to float32; other dtypes are kept. Every returned array is
@@ -352,9 +353,7 @@ def normalize_name(name: str) -> str:
     return split[1] if split else name
 
 
-def load_params(
-    source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
-) -> dict[str, np.ndarray]:
+def load_params(source: Source) -> dict[str, np.ndarray]:
     """Loads a Gluon ``.params`` file with names normalized to attribute paths.
 
     Like :func:`load_ndarray_list` followed by :func:`normalize_name` on every key, except that the name

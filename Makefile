@@ -1,0 +1,45 @@
+# `make demo` and `make test` do all set-up on a fresh Debian machine (Python 3.11, root):
+# Debian packages, a virtualenv in .venv with the package and its extras, then the job itself.
+# Each step is skipped when its result is already there.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench models clean
+
+install: $(STAMP) $(FMNIST)
+
+$(FMNIST):
+	$(APT) update -qq
+	$(APT) install -y -qq dataset-fashion-mnist
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv python3-pip; }
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,cam]'
+	touch $@
+
+demo: install
+	$(BIN)/openaff train --recipe fashion-mnist-cpu --output runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+models: install
+	$(BIN)/openaff models
+
+bench: install
+	$(BIN)/openaff bench --device cpu --mode infer --batch 8 --threads 2 --json benchmarks/results/cpu-infer.json
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,173 @@
+"""The registered models: exact sizes, timm API, batch-of-one training, layouts and bad input."""
+
+import pytest
+import timm
+import torch
+
+from openaff.info import list_openaff_models, model_info
+
+ALL = list_openaff_models()
+IMAGENET = [n for n in ALL if "cifar" not in n]
+SMALL = [n for n in ALL if "cifar" in n]
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _tiny_input(name: str, batch: int = 2) -> torch.Tensor:
+    # The smallest inputs that keep every stage's map larger than 1x1 (16x16 -> 4x4, 64x64 -> 2x2).
+    size = 16 if "cifar" in name else 64
+    return torch.randn(batch, 3, size, size)
+
+
+def test_registry_has_the_papers_models():
+    for name in ["aff_resnet50", "iaff_resnet50", "aff_resnext50_32x4d", "iaff_resnext50_32x4d", "aff_resnet101",
+                 "iaff_resnet101", "aff_resnext101_32x4d", "iaff_resnext101_32x4d", "aff_cifar_resnet32",
+                 "iaff_cifar_resnext38_32x4d", "cifar_resnet20"]:
+        assert name in ALL
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("aff_resnet50", 30_373_192),
+    ("iaff_resnet50", 35_170_120),
+    ("aff_resnext50_32x4d", 29_953_704),
+    ("iaff_resnext50_32x4d", 34_750_632),
+    ("aff_cifar_resnet32", 7_897_156),
+    ("aff_cifar_resnext38_32x4d", 7_770_148),
+])
+def test_exact_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert _trainable(model) == expected
+
+
+def test_imagenet_backbone_is_resnet50d():
+    # Without fusion the ImageNet family is exactly timm's resnet50d (AFF.md: 25,576,264).
+    with torch.device("meta"):
+        plain = timm.create_model("aff_resnet50", fusion="add")
+        ref = timm.create_model("resnet50d")
+    assert _trainable(plain) == _trainable(ref) == 25_576_264
+
+
+def test_fusion_only_in_stages_3_and_4():
+    with torch.device("meta"):
+        model = timm.create_model("aff_resnet50")
+    kinds = {name: type(m.fusion).__name__ for name, m in model.named_modules() if hasattr(m, "fusion")}
+    assert {k for k, v in kinds.items() if v == "AFF"} == {k for k in kinds if k.startswith(("layer3", "layer4"))}
+    assert all(v == "AddFusion" for k, v in kinds.items() if k.startswith(("layer1", "layer2")))
+    assert model.layer3[0].fusion.mscam.local_att[0].out_channels == 1024 // 16
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_backward_shapes(name):
+    model = timm.create_model(name, num_classes=7)
+    x = _tiny_input(name).requires_grad_()
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_of_one_training(name):
+    # Batch of one: the global branch normalises a 1x1 map holding one value per channel.
+    model = timm.create_model(name).train()
+    x = _tiny_input(name, batch=1).requires_grad_()
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("name", ["aff_resnet50", "iaff_resnext50_32x4d"])
+def test_batch_of_one_training_at_224(name):
+    model = timm.create_model(name)
+    model.train()
+    model(torch.randn(1, 3, 224, 224)).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["aff_resnet50", "iaff_resnext50_32x4d", "aff_cifar_resnet8",
+                                  "iaff_cifar_resnext11_32x4d"])
+def test_features_only(name):
+    feats = timm.create_model(name, features_only=True)
+    x = _tiny_input(name)
+    outs = feats(x)
+    assert [o.shape[1] for o in outs] == feats.feature_info.channels()
+    assert [x.shape[-1] // o.shape[-1] for o in outs] == feats.feature_info.reduction()
+    picked = timm.create_model(name, features_only=True, out_indices=(1, 3))
+    assert [o.shape[1] for o in picked(x)] == [feats.feature_info.channels()[i] for i in (1, 3)]
+
+
+def test_timm_api():
+    model = timm.create_model("aff_cifar_resnet8", num_classes=5, in_chans=1, drop_rate=0.2, drop_path_rate=0.1)
+    x = torch.randn(2, 1, 28, 28)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 256, 7, 7)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 256)
+    assert model.forward_head(feats).shape == (2, 5)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+    model.set_grad_checkpointing(True)
+    model.train()
+    model(x).sum().backward()
+    cfg = timm.create_model("aff_resnet50", pretrained=False).pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875
+    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    data_cfg = timm.data.resolve_data_config({}, model=timm.create_model("aff_resnet50"))
+    transform = timm.data.create_transform(**data_cfg)
+    assert "Resize(size=256" in repr(transform) and "CenterCrop(size=(224, 224))" in repr(transform)
+
+
+def test_drop_path_dropped_block_is_identity():
+    model = timm.create_model("aff_cifar_resnet8", drop_path_rate=1.0, num_classes=10).train()
+    block = model.layer3[0]  # the last block: its drop rate is the full rate
+    block.drop_path.drop_prob = 1.0
+    x = torch.randn(2, 128, 8, 8)
+    torch.testing.assert_close(block(x), block.downsample(x))
+
+
+def test_user_chosen_layouts():
+    with torch.device("meta"):
+        r18 = timm.create_model("aff_resnet50", block="basic", layers=(2, 2, 2, 2), fusion_stages=(1, 2, 3, 4))
+        everywhere = timm.create_model("iaff_resnet50", fusion_stages=(1, 2, 3, 4), r=4)
+    assert type(r18.layer1[0].fusion).__name__ == "AFF"
+    assert r18.layer4[0].conv1.kernel_size == (3, 3)
+    assert everywhere.layer1[0].fusion.mscam1.local_att[0].out_channels == 256 // 4
+    with pytest.raises(ValueError, match="fusion_stages"):
+        timm.create_model("aff_resnet50", fusion_stages=(5,))
+    with pytest.raises(ValueError, match="unknown fusion type"):
+        timm.create_model("aff_resnet50", fusion="nope")
+
+
+@pytest.mark.parametrize("name", ["aff_resnet50", "iaff_cifar_resnext11_32x4d", "iaff_cifar_resnet8"])
+def test_channels_last_matches_contiguous(name):
+    model = timm.create_model(name).eval()
+    x = _tiny_input(name)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("aff_resnet51")
+    model = timm.create_model("aff_cifar_resnet8")
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="4-D image batch"):
+        model(torch.randn(10))
+    with pytest.raises(ValueError, match="unsqueeze"):
+        model(torch.randn(3, 32, 32))
+
+
+def test_small_models_take_grey_images():
+    model = timm.create_model("iaff_cifar_resnext11_32x4d", in_chans=1, num_classes=10)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_model_info_counts_multiply_adds():
+    info = model_info("aff_resnet50")
+    assert info.params == 30_373_192
+    # resnet50d is 4.33 G multiply-adds with the same counter; the MS-CAMs of stages 3-4 add 0.23 G.
+    assert 4.5 < info.gmacs < 4.6
