@@ -6,10 +6,10 @@ import argparse
 import importlib
 import sys
 
-# sub-command -> module with `add_parser(subparsers)`; imported lazily so that `openaff models`
-# does not pay for the training stack.
+# sub-command -> module with `add_parser(subparsers)`. Adding a command is one line here.
 COMMANDS = {
     "models": "openaff.info",
+    "convert": "openaff.mxnet.convert",
 }
 
 

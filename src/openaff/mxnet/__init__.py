@@ -1,5 +1,6 @@
 """MXNet weight files without MXNet: a numpy reader and writer for NDArray-list (``.params``) files."""
 
+from .convert import ConversionError, convert_params
 from .ndarray import (
     MXNetFormatError,
     dump_ndarray_list,
@@ -10,6 +11,8 @@ from .ndarray import (
 )
 
 __all__ = [
+    "ConversionError",
+    "convert_params",
     "MXNetFormatError",
     "dump_ndarray_list",
     "load_ndarray_list",
