@@ -70,7 +70,8 @@ def test_imagenet_name_map_covers_the_model_exactly(keys_file):
 def _deepen(shapes: dict, stage_prefix: str, blocks: int) -> dict:
     """The depth-101 key listing: stage 3's last block repeated up to ``blocks`` blocks (same rule)."""
     last = max(int(m[1]) for k in shapes if (m := re.match(re.escape(stage_prefix) + r"(\d+)\.", k)))
-    template = {k[len(f"{stage_prefix}{last}."):]: s for k, s in shapes.items() if k.startswith(f"{stage_prefix}{last}.")}
+    block = f"{stage_prefix}{last}."
+    template = {k[len(block):]: s for k, s in shapes.items() if k.startswith(block)}
     deeper = dict(shapes)
     for b in range(last + 1, blocks):
         deeper.update({f"{stage_prefix}{b}.{k}": s for k, s in template.items()})
