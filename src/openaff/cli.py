@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "models": "openaff.info",
     "convert": "openaff.mxnet.convert",
+    "train": "openaff.training.train",
+    "eval": "openaff.training.evaluate",
 }
 
 

@@ -1,0 +1,129 @@
+"""Process-group set-up for ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs) and SyncBN on both.
+
+``torchrun --nproc_per_node=N -m openaff train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+and the rendezvous address; without them training runs as a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["CpuSyncBatchNorm", "DistInfo", "all_reduce_sum", "cleanup", "convert_sync_batchnorm", "setup"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Pick the device and, under torchrun, join the process group.
+
+    Args:
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device, local) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all processes (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce: the gradient of a sum over processes is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the batches of all processes, for gloo/CPU.
+
+    ``nn.SyncBatchNorm`` runs only on accelerators. This version all-reduces the per-channel
+    count, sum and centred sum of squares with a differentiable all-reduce, so gradients flow
+    through the statistics across processes as they do in ``nn.SyncBatchNorm``. Two passes
+    (mean, then centred squares) keep the variance accurate.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), n]))
+        count = stats[-1]
+        mean = stats[:-1] / count
+        centred = x - mean.view(1, -1, 1, 1)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), self.momentum)
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        return out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else out
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``nn.SyncBatchNorm`` on accelerators, :class:`CpuSyncBatchNorm` on the CPU (weights and statistics kept)."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CpuSyncBatchNorm):
+            new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            if child.affine:
+                new.weight.requires_grad_(child.weight.requires_grad)
+                new.bias.requires_grad_(child.bias.requires_grad)
+            setattr(model, name, new)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model

@@ -1,0 +1,167 @@
+"""The training and evaluation loops."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .distributed import DistInfo, all_reduce_sum
+from .errors import NonFiniteLossError
+from .loader import BatchPipeline
+
+__all__ = ["TrainState", "autocast", "evaluate", "train_one_epoch"]
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``amp`` in ``none | bf16 | fp16``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP[amp])
+
+
+@dataclass
+class TrainState:
+    """What changes while training; with the config, everything a resumed run needs."""
+
+    model: nn.Module  # the plain model (what is saved)
+    forward: nn.Module  # what is called: the model, its DDP wrapper and/or its compiled version
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # a timm scheduler, stepped per update
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None = None
+    epoch: int = 0  # current epoch
+    step: int = 0  # batches done in the current epoch
+    global_step: int = 0  # optimizer updates done
+    loss_sum: float = 0.0  # sum of per-image training losses so far in this epoch (this rank)
+    seen: int = 0  # images trained on so far in this epoch (this rank)
+    skipped: int = 0  # unreadable images skipped so far in this epoch (this rank)
+    history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+
+def _check_finite(loss_sum: torch.Tensor, state: TrainState) -> None:
+    # Every rank checks at the same steps and all agree, so they stop together.
+    bad = all_reduce_sum((~torch.isfinite(loss_sum)).float().reshape(1))
+    if bad.item() > 0:
+        lr = state.optimizer.param_groups[0]["lr"]
+        raise NonFiniteLossError(f"the training loss became NaN/inf at epoch {state.epoch} step {state.step} "
+                                 f"(lr {lr:.3g}); training stopped")
+
+
+def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn: nn.Module, dist: DistInfo, *,
+                    amp: str = "none", mixup: Callable | None = None, grad_clip: float | None = None,
+                    check_every: int = 1, checkpoint_every: int = 0,
+                    save: Callable[[TrainState], None] | None = None, progress: bool = True) -> dict:
+    """Train for the rest of ``state.epoch`` (from ``state.step``; the sampler must start there too).
+
+    Args:
+        state: model, optimiser and counters; updated in place.
+        loader: yields ``(uint8 images, labels, skipped)``.
+        pipeline: moves, augments and normalises the batches.
+        loss_fn: criterion (soft-target when ``mixup`` is set).
+        dist: process-group facts.
+        amp: ``none | bf16 | fp16``.
+        mixup: timm ``Mixup`` (or None).
+        grad_clip: gradient-norm clipping threshold.
+        check_every: test the loss for NaN/inf every N steps (and always before a checkpoint).
+        checkpoint_every: call ``save(state)`` every N updates within the epoch (0: never).
+        save: writes the resume checkpoint.
+        progress: show a progress bar (rank 0).
+
+    Returns:
+        ``train_loss`` (mean over all ranks' images), ``img_per_s`` and ``skipped`` of this epoch.
+    """
+    model, dev = state.forward, dist.device
+    model.train()
+    loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=dev)
+    seen_here, t0 = 0, time.perf_counter()
+    total = len(loader) + state.step
+    bar = tqdm(loader, total=total, initial=state.step, desc=f"epoch {state.epoch}",
+               disable=not (progress and dist.is_main), dynamic_ncols=True, mininterval=1.0, leave=False)
+    for images, labels, skipped in bar:
+        state.skipped += skipped
+        if len(labels) == 0:  # every image of the batch was unreadable (--skip-corrupt)
+            state.step += 1
+            continue
+        x = pipeline(images, key=(state.epoch, state.step, dist.rank))
+        y = labels.to(dev, non_blocking=True)
+        if mixup is not None:
+            if len(y) % 2:  # timm's Mixup pairs images; an odd batch only after skipped files
+                x, y = x[:-1], y[:-1]
+            x, y = mixup(x, y)
+        with autocast(dev, amp):
+            loss = loss_fn(model(x), y)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if grad_clip:
+            state.scaler.unscale_(state.optimizer)
+            nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.step += 1
+        state.global_step += 1
+        state.scheduler.step_update(num_updates=state.global_step)
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.global_step)
+        loss_sum += loss.detach().double() * len(y)
+        state.seen += len(y)
+        seen_here += len(y)
+        # The epoch's end has its own checkpoint (with the evaluation), so skip the last step here.
+        due = bool(save and checkpoint_every and state.global_step % checkpoint_every == 0 and state.step < total)
+        if due or state.step % check_every == 0:
+            _check_finite(loss_sum, state)  # never checkpoint diverged weights
+        if due:
+            state.loss_sum = float(loss_sum)
+            save(state)
+        if bar.n % 20 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.3g}",
+                            refresh=False)
+    _check_finite(loss_sum, state)
+    state.loss_sum = float(loss_sum)
+    seconds = time.perf_counter() - t0
+    totals = all_reduce_sum(torch.tensor([state.loss_sum, state.seen, seen_here, state.skipped],
+                                         dtype=torch.float64, device=dev))
+    bar.close()
+    return dict(train_loss=(totals[0] / max(totals[1], 1)).item(), img_per_s=totals[2].item() / max(seconds, 1e-9),
+                skipped=int(totals[3].item()))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str = "none",
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Loss, top-1 and top-5 accuracy (%) over the whole loader, summed over all ranks.
+
+    Returns:
+        ``val_loss``, ``val_top1``, ``val_top5``, ``images`` and ``skipped``.
+    """
+    model.eval()
+    dev = dist.device
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, top-1, top-5, images, skipped
+    for images, labels, skipped in tqdm(loader, desc=desc, disable=not (progress and dist.is_main),
+                                        dynamic_ncols=True, mininterval=1.0, leave=False):
+        sums[4] += skipped
+        if len(labels) == 0:
+            continue
+        x, y = pipeline(images), labels.to(dev, non_blocking=True)
+        with autocast(dev, amp):
+            out = model(x)
+        out = out.float()
+        correct = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        sums[1] += correct[:, 0].sum()
+        sums[2] += correct.any(dim=1).sum()
+        sums[3] += len(y)
+    all_reduce_sum(sums)
+    n = max(sums[3].item(), 1)
+    return dict(val_loss=sums[0].item() / n, val_top1=100 * sums[1].item() / n, val_top5=100 * sums[2].item() / n,
+                images=int(sums[3].item()), skipped=int(sums[4].item()))

@@ -1,0 +1,55 @@
+"""Errors a user can fix (bad data, bad flags, a diverged run), reported by the commands on one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+__all__ = ["CheckpointError", "ConfigError", "CorruptImageError", "DataError", "NonFiniteLossError",
+           "OpenAFFError", "one_line", "run_command"]
+
+
+class OpenAFFError(Exception):
+    """Base class: the message says what is wrong and, where it can, what to do about it."""
+
+
+class ConfigError(OpenAFFError):
+    """An unknown recipe, flag value or model setting."""
+
+
+class DataError(OpenAFFError):
+    """A missing, empty or unreadable data set, or one that does not fit the model."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded (the message names the file)."""
+
+
+class CheckpointError(OpenAFFError):
+    """A checkpoint or weight file that is missing, unreadable or does not fit the model."""
+
+
+class NonFiniteLossError(OpenAFFError):
+    """Training diverged (NaN or infinite loss); the last good checkpoint is kept."""
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of ``err``.
+
+    An error raised in a DataLoader worker comes back re-raised with the worker's traceback in
+    its message; its last line is the original ``module.Type: message``.
+    """
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n")[0].split()) or type(err).__name__
+
+
+def run_command(prog: str, fn: Callable[[], int | None]) -> int:
+    """Run a sub-command, turning an :class:`OpenAFFError` into ``prog: error: ...`` and exit status 2."""
+    try:
+        return int(fn() or 0)
+    except OpenAFFError as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+        return 2

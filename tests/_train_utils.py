@@ -1,0 +1,87 @@
+"""Shared helpers of the training/data/eval tests: tiny synthetic data sets and a CLI runner."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiniest member of the small-image family: widths 8/16/32, 1 block per stage.
+TINY = ["--model", "aff_cifar_resnet8", "--model-kwargs", "width_mult=0.125"]
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def fake_images(n: int, size: int, chans: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable images: class k is a bright horizontal band at height ~k, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    images = rng.integers(0, 60, (n, chans, size, size))
+    band = size // num_classes
+    for i, k in enumerate(labels):
+        images[i, :, k * band: k * band + max(band, 1), 4: size - 4] += 180
+    return images.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_fashion_mnist(root: Path, n_train: int = 512, n_test: int = 256) -> Path:
+    """A Fashion-MNIST look-alike (four gzipped idx files, 28x28 grey, 10 classes) in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_images(n, 28, 1, 10, seed)
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[:, 0])
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def write_cifar(root: Path, kind: str, n_train: int = 64, n_test: int = 32) -> Path:
+    """Tiny CIFAR-10 (``data_batch_1..5``, ``test_batch``) or CIFAR-100 (``train``, ``test``) pickles in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if kind == "cifar10" else (["train"], ["test"])
+    for names, n, seed in ((files[0], n_train, 0), (files[1], n_test, 1)):
+        for j, name in enumerate(names):
+            images, fine = fake_images(n // len(names), 32, 3, 100 if kind == "cifar100" else 10, seed + j)
+            batch = {b"data": images.reshape(len(images), -1)}
+            if kind == "cifar10":
+                batch[b"labels"] = fine.tolist()
+            else:
+                batch[b"fine_labels"] = fine.tolist()
+                batch[b"coarse_labels"] = (fine // 5).tolist()
+            (root / name).write_bytes(pickle.dumps(batch))
+    if kind == "cifar100":
+        (root / "meta").write_bytes(pickle.dumps({}))
+    return root
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40,
+                       splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """An ImageNet-style folder: ``root/{train,val}/class_k/*.png`` of RGB images."""
+    for split in splits:
+        images, _ = fake_images(classes * per_class, size, 3, classes, seed=len(split))
+        for i, img in enumerate(images):
+            d = root / split / f"class_{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"img_{i}.png")
+    return root
+
+
+def env() -> dict[str, str]:
+    """The environment of a child process: our sources first on the path, one thread per process."""
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def openaff(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m openaff ARGS`` in a fresh process and capture its output."""
+    return subprocess.run([sys.executable, "-m", "openaff", *args], capture_output=True, text=True, env=env(),
+                          timeout=timeout, cwd=ROOT)

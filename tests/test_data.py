@@ -1,0 +1,127 @@
+"""Data sets, samplers and the batch pipeline of openaff.training (no downloads, tiny data)."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _train_utils import write_cifar, write_fashion_mnist, write_image_folder
+
+from openaff.training import make_config
+from openaff.training.data import build_data
+from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_data, load_fashion_mnist, read_idx
+from openaff.training.distributed import DistInfo
+from openaff.training.errors import CorruptImageError, DataError
+from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler
+
+
+def test_idx_reader_roundtrip(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    images = read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    assert images.shape == (20, 28, 28) and images.dtype == np.uint8
+    ds = load_fashion_mnist(tmp_path, "test")
+    assert ds.images.shape == (10, 1, 28, 28) and ds.labels.dtype == torch.int64
+    (tmp_path / "bad.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="bad.gz"):
+        read_idx(tmp_path / "bad.gz")
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_debian_package() -> None:
+    data = load_data("fashion-mnist", None, train=False)
+    assert (len(data.val), data.num_classes, data.in_chans, data.img_size) == (10_000, 10, 1, 28)
+    assert data.val.images.shape == (10_000, 1, 28, 28)
+    assert sorted(torch.bincount(data.val.labels).tolist()) == [1000] * 10
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_cifar_pickles(tmp_path: Path, archive: bool) -> None:
+    src = write_cifar(tmp_path / "cifar-100-python", "cifar100")
+    root = tmp_path
+    if archive:
+        with tarfile.open(tmp_path / "cifar-100-python.tar.gz", "w:gz") as tar:
+            tar.add(src, arcname="cifar-100-python")
+        for p in src.iterdir():
+            p.unlink()
+        src.rmdir()
+    fine = load_data(str(root), None, cifar100_labels="fine")
+    coarse = load_data("cifar100", str(root), cifar100_labels="coarse")
+    assert (fine.kind, fine.num_classes, coarse.num_classes) == ("cifar100", 100, 20)
+    assert fine.train.images.shape == (64, 3, 32, 32) and len(fine.val) == 32
+    assert torch.equal(coarse.train.labels, fine.train.labels // 5)  # as written by the helper
+    c10 = load_cifar(write_cifar(tmp_path / "c10", "cifar10"), "cifar10", "train")
+    assert c10.images.shape[0] == 60  # 5 batches of 12
+
+
+def test_image_folder_and_corrupt_image(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=2)
+    bad = root / "val" / "class_1" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cfg = make_config(data=str(root), batch_size=4, workers=0, img_size=32, aug="imagenet", color_jitter=0.4)
+    bundle = build_data(cfg, DistInfo())
+    assert (bundle.kind, bundle.num_classes, bundle.in_chans, bundle.train_size) == ("imagefolder", 3, 3, 6)
+    x, y, skipped = next(iter(bundle.train_loader(0)))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32) and skipped == 0
+    with pytest.raises(CorruptImageError, match="broken.png"):
+        list(bundle.val_loader)
+    skipping = build_data(make_config(asdict(cfg), skip_corrupt=True), DistInfo())
+    with pytest.warns(UserWarning, match="broken.png"):
+        batches = list(skipping.val_loader)
+    assert sum(b[2] for b in batches) == 1 and sum(len(b[1]) for b in batches) == 6
+
+
+def test_missing_and_empty_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_data(str(tmp_path / "nope"), None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_data(str(tmp_path / "empty"), None)
+    for split in ("train", "val"):
+        (tmp_path / "noimg" / split / "class_0").mkdir(parents=True)
+    with pytest.raises(DataError, match="noimg"):
+        load_data(str(tmp_path / "noimg"), None)
+
+
+def test_train_sampler_shards_and_resumes() -> None:
+    single = TrainSampler(100, 8, seed=3)
+    ranks = [TrainSampler(100, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    for s in (single, *ranks):
+        s.set_epoch(1)
+    full = list(single)
+    assert len(full) == 12 and len({i for b in full for i in b}) == 96
+    # Two ranks with half the batch see together exactly the single process's batches.
+    for k, (a, b) in enumerate(zip(*ranks, strict=True)):
+        assert sorted(a + b) == sorted(full[k])
+    single.set_epoch(1, start=5)
+    assert list(single) == full[5:]
+    single.set_epoch(2)
+    assert list(single) != full  # a new order every epoch
+    shards = [list(EvalSampler(10, 3, r, 3)) for r in range(3)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(10))
+
+
+def test_batch_pipeline_is_seeded_by_key() -> None:
+    images = torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8)
+    pipe = BatchPipeline(torch.device("cpu"), (0.5,), (0.25,), crop_padding=2, hflip=0.5, seed=1)
+    a, b, c = pipe(images, key=(0, 3, 0)), pipe(images, key=(0, 3, 0)), pipe(images, key=(0, 4, 0))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.dtype == torch.float32
+    plain = pipe(images)
+    assert torch.allclose(plain, (images.float() / 255 - 0.5) / 0.25, atol=1e-5)
+    # A crop of a padded image: every output row/column is a shifted input row/column or padding.
+    assert not torch.equal(a, plain)
+
+
+def test_auto_augment_is_reproducible(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path, n_train=64, n_test=16)
+    cfg = make_config(data="fashion-mnist", data_dir=str(tmp_path), batch_size=16, auto_augment="rand-m9-mstd0.5")
+    bundle = build_data(cfg, DistInfo())
+    first = [b[0] for b in bundle.train_loader(0)]
+    again = [b[0] for b in bundle.train_loader(0, start=2)]
+    assert torch.equal(first[2], again[0]) and first[0].shape == (16, 1, 28, 28)
+    assert not torch.equal(first[0], bundle.data.train.images[:16])
+
