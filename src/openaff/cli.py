@@ -12,6 +12,7 @@ COMMANDS = {
     "convert": "openaff.mxnet.convert",
     "train": "openaff.training.train",
     "eval": "openaff.training.evaluate",
+    "bench": "openaff.bench",
 }
 
 

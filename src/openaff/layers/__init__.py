@@ -1,5 +1,13 @@
 """Fusion layers: one MS-CAM implementation shared by every fusion type and model family."""
 
+from .fused_ops import (
+    attention_blend,
+    attention_weight,
+    fusion_kernels,
+    fusion_recompute,
+    set_fusion_kernels,
+    set_fusion_recompute,
+)
 from .fusion import (
     AFF,
     IAFF,
@@ -24,7 +32,13 @@ __all__ = [
     "AddFusion",
     "ConcatFusion",
     "ContextBatchNorm2d",
+    "attention_blend",
+    "attention_weight",
     "create_fusion",
+    "fusion_kernels",
     "fusion_names",
+    "fusion_recompute",
     "register_fusion",
+    "set_fusion_kernels",
+    "set_fusion_recompute",
 ]

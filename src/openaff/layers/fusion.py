@@ -12,6 +12,12 @@ authors' block code passes the residual first. The two differ only in which inpu
 
 Adding a fusion type takes a class with ``__init__(self, channels, r)`` and ``forward(x, y)``
 decorated with ``@register_fusion("name")``; every model family picks it up by name.
+
+Speed and memory: AFF and iAFF blend with the fused ops of :mod:`openaff.layers.fused_ops`
+(``2·lerp(y, x, sigmoid(L + G))`` in one buffer; the backward pass keeps ``x``, ``y`` and the two
+logits instead of the four full-size intermediates autograd keeps for the formula written out).
+With ``recompute = True`` (see :func:`openaff.layers.fused_ops.set_fusion_recompute`) a module in
+training mode keeps only its inputs and runs its MS-CAMs again in the backward pass.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from .fused_ops import attention_blend, fusion_recompute, recompute_context
 from .mscam import MSCAM
 
 __all__ = [
@@ -83,6 +91,33 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
         raise ValueError(f"fusion expects B x {channels} x H x W inputs, got {tuple(x.shape)}")
 
 
+class _AttentionFusion(nn.Module):
+    """Shared forward of the MS-CAM fusions: input checks, then ``_fuse`` directly or recomputed.
+
+    ``recompute`` (default :func:`openaff.layers.fused_ops.fusion_recompute`) makes a module in
+    training mode keep only its inputs for the backward pass and run ``_fuse`` again there.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.recompute = fusion_recompute()
+
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y, self.channels)
+        if self.recompute and self.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # The compiled graph is functional: the BatchNorm buffer updates happen once, in the
+                # forward graph, whatever the partitioner recomputes, so no marker is needed (or allowed).
+                return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False)
+            return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=recompute_context)
+        return self._fuse(x, y)
+
+
 @register_fusion("add")
 class AddFusion(nn.Module):
     """Plain addition ``x + y`` (the authors' ``DirectAddFuse``); no parameters."""
@@ -96,7 +131,7 @@ class AddFusion(nn.Module):
 
 
 @register_fusion("aff")
-class AFF(nn.Module):
+class AFF(_AttentionFusion):
     """Attentional feature fusion (the authors' ``ASKCFuse``).
 
     ``w = M(x + y)``; ``out = 2·x·w + 2·y·(1 − w)``.
@@ -110,17 +145,16 @@ class AFF(nn.Module):
     """
 
     def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__()
+        super().__init__(channels)
         self.mscam = MSCAM(channels, r)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.mscam.channels)
-        w = self.mscam(x + y)
-        return 2 * x * w + 2 * y * (1 - w)
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # 2·x·w + 2·y·(1 − w) = 2·lerp(y, x, w), with w = sigmoid(L + G) fused into the blend.
+        return attention_blend(x, y, *self.mscam.logits(x + y), scale=2.0, inplace=True)
 
 
 @register_fusion("iaff")
-class IAFF(nn.Module):
+class IAFF(_AttentionFusion):
     """Iterative attentional feature fusion (the authors' ``ResGlobLocaforGlobLocaChaFuse``).
 
     ``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``out = x·w2 + y·(1 − w2)``,
@@ -132,16 +166,13 @@ class IAFF(nn.Module):
     """
 
     def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__()
+        super().__init__(channels)
         self.mscam1 = MSCAM(channels, r)
         self.mscam2 = MSCAM(channels, r)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.mscam1.channels)
-        w1 = self.mscam1(x + y)
-        z = x * w1 + y * (1 - w1)
-        w2 = self.mscam2(z)
-        return x * w2 + y * (1 - w2)
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = attention_blend(x, y, *self.mscam1.logits(x + y), inplace=True)
+        return attention_blend(x, y, *self.mscam2.logits(z), inplace=True)
 
 
 @register_fusion("concat")
@@ -159,39 +190,36 @@ class ConcatFusion(nn.Module):
 
 
 @register_fusion("ms_se")
-class MSSE(nn.Module):
+class MSSE(_AttentionFusion):
     """Refinement, SENet-like (paper's MS-SE): ``y + M(x)·x``."""
 
     def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__()
+        super().__init__(channels)
         self.mscam = MSCAM(channels, r)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.mscam.channels)
-        return y + self.mscam(x) * x
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(y, self.mscam(x), x)
 
 
 @register_fusion("ms_gau")
-class MSGAU(nn.Module):
+class MSGAU(_AttentionFusion):
     """Modulation, GAU-like (paper's MS-GAU): ``M(x)·y + x``."""
 
     def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__()
+        super().__init__(channels)
         self.mscam = MSCAM(channels, r)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.mscam.channels)
-        return self.mscam(x) * y + x
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, self.mscam(x), y)
 
 
 @register_fusion("ms_sa")
-class MSSA(nn.Module):
+class MSSA(_AttentionFusion):
     """Modulation, fully context-aware (paper's MS-SA): ``M(x + y)·y + x``."""
 
     def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__()
+        super().__init__(channels)
         self.mscam = MSCAM(channels, r)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.mscam.channels)
-        return self.mscam(x + y) * y + x
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, self.mscam(x + y), y)

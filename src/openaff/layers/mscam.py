@@ -7,6 +7,11 @@ broadcasts over ``H x W``.
 
 The ``nn.Sequential`` indices of the two branches follow the authors' Gluon code
 (``local_att.0/1/3/4``, ``global_att.1/2/4/5``) so that their weight files map one to one.
+
+Speed: the fusion modules call :meth:`MSCAM.logits` and blend with the fused ops of
+:mod:`openaff.layers.fused_ops`, so the sigmoid and the blend never materialise term by term;
+:func:`openaff.inference.fuse_for_inference` folds the branches' BatchNorms into their convolutions.
+Every op keeps the input's memory format (channels_last stays channels_last).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fused_ops import attention_weight, is_recomputing
 
 __all__ = ["MSCAM", "ContextBatchNorm2d"]
 
@@ -27,6 +34,11 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
     running statistics, exactly as in evaluation, and leaves them unchanged; gradients still
     flow to the input, gamma and beta. With two or more values per channel it is a plain
     ``nn.BatchNorm2d``.
+
+    When a fusion module recomputes its forward pass for the backward pass (see
+    :func:`openaff.layers.fused_ops.set_fusion_recompute`), the recomputation normalises with the
+    same batch statistics but leaves the running statistics alone: they were updated once, in the
+    forward pass.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +46,11 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
+        if self.training and self.track_running_stats and not torch.compiler.is_compiling() and is_recomputing():
+            # Throw-away copies: the same kernel (and saved tensors, which checkpoint checks) as the
+            # forward pass, without a second update of the real running statistics.
+            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                                True, self.momentum if self.momentum is not None else 0.0, self.eps)
         return super().forward(x)
 
 
@@ -67,5 +84,37 @@ class MSCAM(nn.Module):
         self.local_att = _context_branch(channels, inter, pool=False)
         self.global_att = _context_branch(channels, inter, pool=True)
 
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two branches before the sigmoid: ``(L(x), G(x))``, ``B x C x H x W`` and ``B x C x 1 x 1``.
+
+        ``M(x) = sigmoid(L(x) + G(x))``; the fusion modules fuse that sum and sigmoid into their blend.
+        """
+        glob = self._global_eval(x) if not (torch.is_grad_enabled() or self.global_att.training) else None
+        return self.local_att(x), self.global_att(x) if glob is None else glob
+
+    def _global_eval(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The global branch in evaluation without autograd, on ``B x C`` matrices; None if not applicable.
+
+        The branch works on a ``B x C x 1 x 1`` map, where a 1x1 convolution is a matrix product:
+        ``F.linear`` skips the convolution set-up, which costs more than the arithmetic here. The
+        same modules, parameters and statistics; skipped when a hook watches the branch.
+        """
+        mods = list(self.global_att)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in [self.global_att, *mods]):
+            return None
+        if not (isinstance(mods[0], nn.AdaptiveAvgPool2d) and mods[0].output_size in (1, (1, 1))):
+            return None
+        p = x.mean((2, 3))
+        for m in mods[1:]:
+            if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.padding == (0, 0) and m.groups == 1:
+                p = F.linear(p, m.weight.flatten(1), m.bias)
+            elif isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+                p = F.batch_norm(p, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+            elif isinstance(m, nn.ReLU):
+                p = torch.relu_(p)
+            elif not isinstance(m, nn.Identity):
+                return None
+        return p[:, :, None, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.local_att(x) + self.global_att(x))
+        return attention_weight(*self.logits(x))

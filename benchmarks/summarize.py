@@ -1,0 +1,70 @@
+"""Check `openaff bench` JSON files against the targets of issue #5 and print a markdown verdict.
+
+Usage: python benchmarks/summarize.py RESULT.json [RESULT.json ...]
+
+Each target names the file kind it needs (mode, device type, compile); a target whose numbers are
+not in the given files is listed as "not measured".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# (description, mode, device type, compiled, model, field, op, threshold)
+TARGETS = [
+    ("AFF-ResNet-50 training img/s vs resnet50d, compiled", "train", "cuda", True, "aff_resnet50",
+     "throughput_ratio", ">=", 0.90),
+    ("AFF-ResNet-50 training img/s vs resnet50d, eager", "train", "cuda", False, "aff_resnet50",
+     "throughput_ratio", ">=", 0.85),
+    ("iAFF-ResNeXt-50 training img/s vs resnext50d_32x4d, compiled", "train", "cuda", True, "iaff_resnext50_32x4d",
+     "throughput_ratio", ">=", 0.85),
+    ("AFF-ResNet-50 peak training memory vs resnet50d, eager", "train", "cuda", False, "aff_resnet50",
+     "peak_mem_ratio", "<=", 1.10),
+    ("AFF-ResNet-50 peak training memory vs resnet50d, compiled", "train", "cuda", True, "aff_resnet50",
+     "peak_mem_ratio", "<=", 1.10),
+    ("AFF-ResNet-50 inference time vs resnet50d, CPU, median of all rounds", "infer", "cpu", False, "aff_resnet50",
+     "time_ratio", "<=", 1.06),
+    ("AFF-ResNet-50 inference time vs resnet50d, CPU, median of per-round ratios", "infer", "cpu", False,
+     "aff_resnet50", "time_ratio_paired", "<=", 1.06),
+    ("AFF-ResNet-50 inference time vs resnet50d, CPU, median of undisturbed rounds", "infer", "cpu", False,
+     "aff_resnet50", "time_ratio_quiet", "<=", 1.06),
+]
+
+
+def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) -> list[tuple[str, dict]]:
+    out = []
+    for doc in docs:
+        meta = doc["meta"]
+        if meta["mode"] != mode or not meta["device"].startswith(device):
+            continue
+        for r in doc["results"]:
+            if r["compiled"] == compiled and r["model"].split("+")[0] == model and r["error"] is None:
+                out.append((meta.get("_file", ""), r))
+    return out
+
+
+def summarize(paths: list[str]) -> str:
+    docs = []
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        doc["meta"]["_file"] = Path(p).name
+        docs.append(doc)
+    lines = ["| target | variant | value | vs | met |", "|---|---|---:|---|---|"]
+    for desc, mode, device, compiled, model, fld, op, thr in TARGETS:
+        rows = _rows(docs, mode, device, compiled, model)
+        if not rows:
+            lines.append(f"| {desc} ({op} {thr}) | – | not measured | | |")
+        for fname, r in rows:
+            v = r.get(fld)
+            met = "–" if v is None else ("yes" if (v >= thr if op == ">=" else v <= thr) else "**no**")
+            val = "–" if v is None else f"{v:.3f}"
+            lines.append(f"| {desc} ({op} {thr}) | `{r['model']}` ({fname}) | {val} | `{r['baseline']}` | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print(summarize(sys.argv[1:]))

@@ -1,0 +1,609 @@
+"""Speed and memory of our models against the timm networks a user would pick instead (``openaff bench``).
+
+All models run in one process on the same input: training steps (forward, cross-entropy, backward,
+SGD step) or inference, eager or ``torch.compile``, with an AMP dtype and channels_last if asked.
+Each model is warmed up (compilation happens there), then timed in ``--repeats`` rounds of
+``--iters`` steps; the rounds go round-robin over the models, starting at a different model each
+round, so that a slow spell of a shared machine hits all models alike. CUDA steps are timed with
+CUDA events, CPU steps with ``perf_counter``. Reported: the median (and min, max) time per step,
+images/s, the ratios to ``--baseline`` (same compile setting), CUDA peak memory of one training
+or inference step, and, in training, the bytes autograd saves for the backward pass (eager only;
+on the CPU that is the useful memory figure).
+
+Model names are timm names (``openaff`` registers its own) with optional suffixes:
+
+* ``+fold``: fold BatchNorm into the convolutions before inference. Our models use
+  :func:`openaff.inference.fuse_for_inference`; timm models ``torch.fx.experimental.optimization.fuse``.
+* ``+recompute`` / ``+norecompute``: our fusions recompute their MS-CAMs in the backward pass, or not
+  (:func:`openaff.layers.set_fusion_recompute`); without a suffix the library default holds.
+* ``+naive``: our AFF/iAFF modules compute the formulas term by term, as a straightforward
+  implementation would (``w = sigmoid(L + G)``, ``2·x·w + 2·y·(1 − w)``): the "before" of the
+  optimisations, same weights and numbers.
+
+Example: ``openaff bench --device cpu --mode infer --batch 8 --threads 2 --models aff_resnet50+fold,resnet50d``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BenchResult", "add_parser", "main", "markdown_table", "run_bench"]
+
+# Without --models: our two headline models and the timm networks a user would pick instead; in
+# inference also folded variants (ours with fuse_for_inference, the baselines with torch.fx's fuse).
+DEFAULT_MODELS = {
+    "train": ("aff_resnet50", "iaff_resnext50_32x4d", "resnet50d", "resnext50d_32x4d", "seresnet50", "skresnet50",
+              "resnet50"),
+    "infer": ("aff_resnet50+fold", "aff_resnet50", "iaff_resnext50_32x4d+fold", "resnet50d", "resnet50d+fold",
+              "resnext50d_32x4d", "resnext50d_32x4d+fold", "seresnet50", "skresnet50", "resnet50"),
+}
+# Without --pair: each ResNeXt of ours is compared with timm's ResNeXt-50-D.
+DEFAULT_PAIRS = ("aff_resnext50_32x4d=resnext50d_32x4d", "iaff_resnext50_32x4d=resnext50d_32x4d")
+_SUFFIXES = ("fold", "recompute", "norecompute", "naive")
+
+
+@dataclass
+class BenchResult:
+    model: str
+    compiled: bool
+    ms_median: float | None = None
+    ms_min: float | None = None
+    ms_max: float | None = None
+    images_per_s: float | None = None
+    baseline: str | None = None
+    time_ratio: float | None = None
+    throughput_ratio: float | None = None
+    peak_mem_mib: float | None = None
+    peak_mem_ratio: float | None = None
+    saved_mib: float | None = None
+    saved_ratio: float | None = None
+    warmup_s: float | None = None
+    params: int | None = None
+    gmacs: float | None = None
+    notes: str = ""
+    error: str | None = None
+    ms_quiet_median: float | None = None
+    quiet_samples: int | None = None
+    time_ratio_quiet: float | None = None
+    time_ratio_paired: float | None = None
+    samples_ms: list[float] = field(default_factory=list)
+    samples_others_cpu: list[float] = field(default_factory=list)
+
+
+def _parse_pairs(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        model, sep, base = pair.partition("=")
+        if not sep or not model or not base:
+            raise ValueError(f"--pair wants MODEL=BASELINE, got {pair!r}")
+        out[model.strip()] = base.strip()
+    return out
+
+
+def _parse_spec(spec: str) -> tuple[str, set[str]]:
+    name, *suffixes = spec.strip().split("+")
+    bad = [s for s in suffixes if s not in _SUFFIXES]
+    if bad:
+        raise ValueError(f"unknown model suffix {'+'.join(bad)!r} in {spec!r}; known: {', '.join(_SUFFIXES)}")
+    return name, set(suffixes)
+
+
+def _naive_aff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    m = self.mscam
+    s = x + y
+    w = torch.sigmoid(m.local_att(s) + m.global_att(s))
+    return 2 * x * w + 2 * y * (1 - w)
+
+
+def _naive_iaff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    m1, m2 = self.mscam1, self.mscam2
+    s = x + y
+    w1 = torch.sigmoid(m1.local_att(s) + m1.global_att(s))
+    z = x * w1 + y * (1 - w1)
+    w2 = torch.sigmoid(m2.local_att(z) + m2.global_att(z))
+    return x * w2 + y * (1 - w2)
+
+
+def _make_naive(model: nn.Module) -> int:
+    """Give every AFF/iAFF module of ``model`` the term-by-term forward; returns how many."""
+    from .layers import AFF, IAFF
+
+    n = 0
+    for m in model.modules():
+        if type(m) in (AFF, IAFF):
+            m.forward = types.MethodType(_naive_aff if type(m) is AFF else _naive_iaff, m)
+            n += 1
+    return n
+
+
+def _is_ours(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("openaff.")
+
+
+def _gmacs(name: str, input_size: tuple[int, int, int], num_classes: int) -> float | None:
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=num_classes, in_chans=input_size[0]).eval()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, *input_size, device="meta"))
+        return counter.get_total_flops() / 2e9
+    except Exception:  # FLOPs are informative only; a model the counter cannot run still gets timed
+        return None
+
+
+def _fold(model: nn.Module) -> tuple[nn.Module, str]:
+    from .inference import fuse_for_inference
+
+    if _is_ours(model):
+        return fuse_for_inference(model), "openaff.inference.fuse_for_inference"
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
+    return fx_fuse(model), "torch.fx.experimental.optimization.fuse"
+
+
+def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None) -> int:
+    n = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if opt is not None:
+        for state in opt.state.values():
+            n += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return n
+
+
+class _Entry:
+    """One model under test: its module, optional optimizer, and a ``step()`` closure."""
+
+    def __init__(self, spec: str, args: argparse.Namespace, compiled: bool, device: torch.device,
+                 x: torch.Tensor, target: torch.Tensor) -> None:
+        import timm
+
+        from .layers import set_fusion_recompute
+
+        name, suffixes = _parse_spec(spec)
+        self.label = spec
+        self.result = BenchResult(model=spec, compiled=compiled)
+        notes = []
+        model = timm.create_model(name, num_classes=args.num_classes, in_chans=x.shape[1])
+        self.result.params = sum(p.numel() for p in model.parameters())
+        self.result.gmacs = _gmacs(name, tuple(x.shape[1:]), args.num_classes)
+        if "naive" in suffixes:
+            notes.append(f"straightforward formulas in {_make_naive(model)} fusion modules")
+        if "recompute" in suffixes or "norecompute" in suffixes:
+            set_fusion_recompute("recompute" in suffixes, model)
+        model.to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        train = args.mode == "train"
+        model.train(train)
+        if "fold" in suffixes:
+            if train:
+                raise ValueError("+fold is for --mode infer (a folded model has no BatchNorm to train)")
+            model, how = _fold(model)
+            notes.append(f"BN folded ({how})")
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if train else None
+        fwd = torch.compile(model, mode=args.compile_mode) if compiled else model
+        amp = _amp_dtype(args.amp)
+        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+        scaler = torch.amp.GradScaler(device.type) if (train and amp is torch.float16) else None
+        self.result.notes = "; ".join(notes)
+
+        if train:
+            opt = self.opt
+
+            def step() -> None:
+                with autocast():
+                    loss = F.cross_entropy(fwd(x), target)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            def step() -> None:
+                with torch.inference_mode(), autocast():
+                    fwd(x)
+
+        self.step: Callable[[], None] = step
+        self.autocast = autocast
+        self.fwd = fwd
+        self.x, self.target = x, target
+
+    def saved_bytes(self) -> int:
+        """Bytes autograd saves for the backward pass in one training forward (distinct storages)."""
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+            loss = F.cross_entropy(self.model(self.x), self.target)
+        loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return sum(seen.values())
+
+
+def _amp_dtype(name: str) -> torch.dtype | None:
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have spent busy (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _time_steps(entry: _Entry, iters: int, device: torch.device) -> tuple[float, float | None]:
+    """Seconds per step over ``iters`` steps, and the share of the machine's CPUs other processes used meanwhile.
+
+    On a shared machine a concurrent job can slow a CPU run several-fold (the OpenMP threads wait
+    for each other at every op); the second number lets the report single out undisturbed rounds.
+    """
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sync(device)
+        start.record()
+        for _ in range(iters):
+            entry.step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters, None
+    busy0, own0, t0 = _busy_seconds(), time.process_time(), time.perf_counter()
+    for _ in range(iters):
+        entry.step()
+    wall, own, busy1 = time.perf_counter() - t0, time.process_time() - own0, _busy_seconds()
+    others = None
+    if busy0 is not None and busy1 is not None:
+        others = max(busy1 - busy0 - own, 0.0) / (wall * (os.cpu_count() or 1))
+    return wall / iters, others
+
+
+def _peak_mem(entry: _Entry, device: torch.device) -> float | None:
+    """CUDA memory of one step as if the model were alone: its resident state plus the step's peak."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    entry.step()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base + _state_bytes(entry.model, entry.opt)) / 2**20
+
+
+def _machine(device: torch.device, threads: int) -> dict:
+    import timm
+
+    info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+                platform=platform.platform(), cpu=_cpu_name(), cpu_count=os.cpu_count(), threads=threads,
+                mkldnn=torch.backends.mkldnn.is_available())
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+        with contextlib.suppress(ImportError):
+            import triton
+
+            info["triton"] = triton.__version__
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _loadavg() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(v, 2) for v in os.getloadavg()]
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``openaff bench`` arguments; returns the JSON document."""
+    import openaff  # noqa: F401  (registers our models with timm)
+
+    from .layers import set_fusion_kernels
+
+    if args.models is None:
+        args.models = ",".join(DEFAULT_MODELS[args.mode])
+        if args.pair is None:
+            args.pair = list(DEFAULT_PAIRS)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fusion_kernels:
+        set_fusion_kernels(args.fusion_kernels)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    specs = [s.strip() for s in args.models.split(",") if s.strip()]
+    for base in [args.baseline, *_parse_pairs(args.pair).values()]:
+        if base not in specs:
+            specs.append(base)
+    compile_flags = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+
+    size = args.img_size
+    x = torch.randn(args.batch, args.in_chans, size, size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, args.num_classes, (args.batch,), device=device)
+
+    entries: list[_Entry] = []
+    failed: list[BenchResult] = []
+    load_before = _loadavg()
+    for compiled in compile_flags:
+        for spec in specs:
+            try:
+                entry = _Entry(spec, args, compiled, device, x, target)
+                t0 = time.perf_counter()
+                for _ in range(args.warmup):
+                    entry.step()
+                _sync(device)
+                entry.result.warmup_s = round(time.perf_counter() - t0, 2)
+                entry.result.peak_mem_mib = _peak_mem(entry, device)
+                if args.mode == "train" and not compiled:
+                    entry.result.saved_mib = entry.saved_bytes() / 2**20
+                entries.append(entry)
+            except Exception as e:  # one model failing must not lose the others' numbers
+                res = BenchResult(model=spec, compiled=compiled, error=f"{type(e).__name__}: {e}")
+                print(f"openaff bench: {spec} (compiled={compiled}) failed:\n{traceback.format_exc()}",
+                      file=sys.stderr)
+                failed.append(res)
+            gc.collect()
+
+    samples: dict[int, list[tuple[float, float | None]]] = {i: [] for i in range(len(entries))}
+    # A model's first step after another model's meets the allocator in the other's state (on the CPU
+    # a fresh large tensor page-faults); an untimed step first measures the model as a user runs it.
+    settle = args.settle if args.settle is not None else (1 if device.type == "cpu" else 0)
+    for r in range(args.repeats):
+        order = list(range(len(entries)))
+        order = order[r % max(len(order), 1):] + order[:r % max(len(order), 1)]
+        for i in order:
+            try:
+                for _ in range(settle):
+                    entries[i].step()
+                samples[i].append(_time_steps(entries[i], args.iters, device))
+            except Exception as e:
+                entries[i].result.error = f"{type(e).__name__}: {e}"
+    load_after = _loadavg()
+
+    results = []
+    for i, entry in enumerate(entries):
+        res = entry.result
+        s = [t for t, _ in samples[i]]
+        if s and res.error is None:
+            res.samples_ms = [round(v * 1e3, 3) for v in s]
+            res.samples_others_cpu = [None if o is None else round(o, 3) for _, o in samples[i]]
+            res.ms_median = statistics.median(s) * 1e3
+            res.ms_min, res.ms_max = min(s) * 1e3, max(s) * 1e3
+            res.images_per_s = args.batch / (res.ms_median / 1e3)
+            quiet = [t for t, o in samples[i] if o is not None and o <= args.quiet_cpu]
+            if device.type == "cpu" and samples[i][0][1] is not None:
+                res.quiet_samples = len(quiet)
+                res.ms_quiet_median = statistics.median(quiet) * 1e3 if quiet else None
+        results.append(res)
+    results += failed
+    pairs = _parse_pairs(args.pair)
+    for res in results:
+        base_name = pairs.get(_parse_spec(res.model)[0], args.baseline) if res.error is None else args.baseline
+        base = next((b for b in results if b.model == base_name and b.compiled == res.compiled
+                     and b.error is None), None)
+        if base is None or res.error is not None:
+            continue
+        res.baseline = base_name
+        res.time_ratio = _ratio(res.ms_median, base.ms_median)
+        res.time_ratio_quiet = _ratio(res.ms_quiet_median, base.ms_quiet_median)
+        # Rounds run the models back to back, so a round's ratio sees one state of the machine:
+        # the median of per-round ratios is robust to slow drifts that move all models together.
+        pairs_r = [a / b for a, b in zip(res.samples_ms, base.samples_ms, strict=False) if b]
+        res.time_ratio_paired = statistics.median(pairs_r) if pairs_r else None
+        res.throughput_ratio = _ratio(base.ms_median, res.ms_median)
+        res.peak_mem_ratio = _ratio(res.peak_mem_mib, base.peak_mem_mib)
+        res.saved_ratio = _ratio(res.saved_mib, base.saved_mib)
+
+    from .layers import fusion_kernels, fusion_recompute
+
+    meta = dict(
+        command=_command_line(args),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=str(device),
+        machine=_machine(device, torch.get_num_threads()),
+        mode=args.mode, batch=args.batch, input_size=[args.in_chans, size, size], amp=args.amp,
+        channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
+        warmup=args.warmup, repeats=args.repeats, iters=args.iters, settle=settle, baseline=args.baseline,
+        quiet_cpu=args.quiet_cpu,
+        fusion_recompute_default=fusion_recompute(), fusion_kernels=fusion_kernels(),
+        loadavg_before=load_before, loadavg_after=load_after,
+    )
+    doc = dict(meta=meta, results=[asdict(r) for r in results])
+    doc["markdown"] = markdown_table(doc)
+    return doc
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The parsed options written back as one ``openaff bench`` command that reproduces the run."""
+    parts = ["openaff", "bench", "--models", ",".join(s.strip() for s in args.models.split(",") if s.strip()),
+             "--baseline", args.baseline, *[a for p in (args.pair or []) for a in ("--pair", p)],
+             "--device", args.device, "--batch", str(args.batch),
+             "--img-size", str(args.img_size), "--mode", args.mode, "--amp", args.amp,
+             "--compile", args.compile]
+    if args.compile_mode:
+        parts += ["--compile-mode", args.compile_mode]
+    parts.append("--channels-last" if args.channels_last else "--no-channels-last")
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.fusion_kernels:
+        parts += ["--fusion-kernels", args.fusion_kernels]
+    if args.in_chans != 3 or args.num_classes != 1000:
+        parts += ["--in-chans", str(args.in_chans), "--num-classes", str(args.num_classes)]
+    parts += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--iters", str(args.iters)]
+    if args.settle is not None:
+        parts += ["--settle", str(args.settle)]
+    if args.quiet_cpu != 0.05:
+        parts += ["--quiet-cpu", str(args.quiet_cpu)]
+    if args.json:
+        parts += ["--json", str(args.json)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown_table(doc: dict) -> str:
+    """The results of :func:`run_bench` as a markdown section (setup lines, then one row per model)."""
+    m = doc["meta"]
+    mach = m["machine"]
+    hw = mach.get("gpu") or f"{mach['cpu']}, {mach['threads']} threads"
+    layout = "channels_last" if m["channels_last"] else "NCHW"
+    lines = [
+        f"**{m['mode']}**, {m['device']} ({hw}), amp {m['amp']}, {layout}, batch {m['batch']}, "
+        f"input {'x'.join(map(str, m['input_size']))}, compile {m['compile']}; "
+        f"median of {m['repeats']} rounds x {m['iters']} steps after {m['warmup']} warm-up steps "
+        f"({m['settle']} untimed step(s) before each round).",
+        "",
+        f"torch {mach['torch']}, timm {mach['timm']}, python {mach['python']}"
+        + (f", CUDA {mach['cuda']}, cuDNN {mach['cudnn']}" if "cuda" in mach else "")
+        + f"; {m['date']}; load average before/after {m['loadavg_before']} / {m['loadavg_after']}.",
+        "",
+        f"`{m['command']}`",
+        "",
+    ]
+    quiet = any(r.get("quiet_samples") is not None for r in doc["results"])
+    head = ["model", "compiled", "ms/step", "min–max", "img/s", "vs", "time ×", "img/s ×", "paired time ×"]
+    head += ["quiet ms (rounds)", "quiet time ×"] if quiet else []
+    head += ["peak MiB", "mem ×", "saved MiB", "saved ×", "GMACs", "notes"]
+    lines += ["time ×: ratio of the medians; paired time ×: median over rounds of the ratio within a round "
+              "(the models of a round run back to back, so it cancels drifts of the machine's speed).", ""]
+    if quiet:
+        lines += [f"Quiet: the rounds during which other processes used at most {m['quiet_cpu']:.0%} of the "
+                  "machine's CPUs (a shared machine; a concurrent job slows every OpenMP op several-fold).", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in ("model", "compiled", "vs", "notes")
+                                                          else "---:" for h in head) + "|"]
+    for r in doc["results"]:
+        if r["error"]:
+            err = r["error"][:160].replace("|", "/").replace("\n", " ")
+            cells = [f"`{r['model']}`", "yes" if r["compiled"] else "no", "failed"] + [""] * (len(head) - 4) + [err]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        cells = [f"`{r['model']}`", "yes" if r["compiled"] else "no", _fmt(r["ms_median"], ".1f"),
+                 f"{_fmt(r['ms_min'], '.1f')}–{_fmt(r['ms_max'], '.1f')}", _fmt(r["images_per_s"], ".1f"),
+                 f"`{r['baseline']}`" if r["baseline"] else "–", _fmt(r["time_ratio"], ".3f"),
+                 _fmt(r["throughput_ratio"], ".3f"), _fmt(r["time_ratio_paired"], ".3f")]
+        if quiet:
+            cells += [f"{_fmt(r['ms_quiet_median'], '.1f')} ({r['quiet_samples']})", _fmt(r["time_ratio_quiet"], ".3f")]
+        cells += [_fmt(r["peak_mem_mib"], ".0f"), _fmt(r["peak_mem_ratio"], ".3f"), _fmt(r["saved_mib"], ".0f"),
+                  _fmt(r["saved_ratio"], ".3f"), _fmt(r["gmacs"], ".2f"), r["notes"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="time our models against timm baselines (train/infer, eager/compiled)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None,
+                   help="comma-separated timm names with optional +fold/+recompute/+norecompute suffixes "
+                        "(default: see DEFAULT_MODELS in openaff/bench.py)")
+    p.add_argument("--baseline", default="resnet50d", help="the model the ratios refer to (added if missing)")
+    p.add_argument("--pair", action="append", default=None, metavar="MODEL=BASELINE",
+                   help="another baseline for one model (its name without suffixes), e.g. "
+                        "iaff_resnext50_32x4d=resnext50d_32x4d; repeatable (default with the default models: "
+                        "our ResNeXts vs resnext50d_32x4d)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--mode", choices=("train", "infer"), default="infer")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="torch.compile the models (bare --compile means on; 'both' times eager and compiled)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast dtype")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels_last model and input")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--fusion-kernels", choices=("eager", "compiled"), default=None,
+                   help="blend kernels of our fusions in eager models (see openaff.layers.set_fusion_kernels)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
+    p.add_argument("--iters", type=int, default=3, help="steps per timed round")
+    p.add_argument("--settle", type=int, default=None,
+                   help="untimed steps of a model before each of its timed rounds (default: 1 on the CPU, 0 on GPUs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet-cpu", type=float, default=0.05,
+                   help="CPU runs: a round counts as undisturbed when other processes used at most this share "
+                        "of the machine's CPUs meanwhile (reported as the 'quiet' median)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (and a .md next to it)")
+    p.add_argument("--markdown", type=Path, default=None, help="markdown path (default: the --json path as .md)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.batch < 1 or args.repeats < 1 or args.iters < 1 or args.warmup < 0:
+        raise SystemExit("openaff bench: --batch, --repeats and --iters must be >= 1, --warmup >= 0")
+    doc = run_bench(args)
+    print(doc["markdown"])
+    md_path = args.markdown or (args.json.with_suffix(".md") if args.json else None)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(doc["markdown"])
+    failed = [r for r in doc["results"] if r["error"]]
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``openaff bench`` without the ``openaff`` front end (``python -m openaff.bench ...``)."""
+    parser = argparse.ArgumentParser(prog="openaff")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

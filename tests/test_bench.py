@@ -1,0 +1,92 @@
+"""`openaff bench` end to end on the CPU with tiny models (no timing assertions)."""
+
+import json
+
+import pytest
+import torch
+
+from openaff import bench
+from openaff.cli import COMMANDS
+
+TINY = ["--device", "cpu", "--img-size", "16", "--num-classes", "10", "--batch", "2", "--warmup", "1",
+        "--repeats", "1", "--iters", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    # --threads sets the process-wide thread count; give the other tests theirs back.
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "res" / "bench.json"
+    rc = bench.main([*TINY, *args, "--json", str(out)])
+    doc = json.loads(out.read_text())
+    md = out.with_suffix(".md").read_text()
+    return rc, doc, md
+
+
+def test_bench_command_is_registered():
+    assert COMMANDS["bench"] == "openaff.bench"
+
+
+def test_infer_with_folding_writes_json_and_markdown(tmp_path):
+    rc, doc, md = _run(tmp_path, "--mode", "infer", "--models", "aff_cifar_resnet8,aff_cifar_resnet8+fold",
+                       "--baseline", "cifar_resnet8", "--channels-last")
+    assert rc == 0
+    rows = {r["model"]: r for r in doc["results"]}
+    assert set(rows) == {"aff_cifar_resnet8", "aff_cifar_resnet8+fold", "cifar_resnet8"}
+    assert rows["cifar_resnet8"]["time_ratio"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["error"] is None and r["ms_median"] > 0 and len(r["samples_ms"]) == 1
+        assert r["params"] > 0
+    assert "fuse_for_inference" in rows["aff_cifar_resnet8+fold"]["notes"]
+    meta = doc["meta"]
+    assert meta["mode"] == "infer" and meta["machine"]["torch"] and meta["command"].startswith("openaff bench")
+    assert "--channels-last" in meta["command"] and meta["machine"]["threads"] == 1
+    assert md == doc["markdown"] and "| `aff_cifar_resnet8+fold` |" in md and "| `cifar_resnet8` |" in md
+
+
+def test_train_reports_saved_memory_and_recompute_saves_less(tmp_path):
+    rc, doc, _ = _run(tmp_path, "--mode", "train", "--models",
+                      "iaff_cifar_resnet8+norecompute,iaff_cifar_resnet8+recompute", "--baseline", "cifar_resnet8")
+    assert rc == 0
+    rows = {r["model"]: r for r in doc["results"]}
+    assert all(r["saved_mib"] > 0 and r["peak_mem_mib"] is None for r in rows.values())
+    assert rows["iaff_cifar_resnet8+recompute"]["saved_mib"] < rows["iaff_cifar_resnet8+norecompute"]["saved_mib"]
+    assert rows["cifar_resnet8"]["saved_ratio"] == pytest.approx(1.0)
+
+
+def test_bad_model_is_reported_not_fatal(tmp_path):
+    rc, doc, md = _run(tmp_path, "--mode", "train", "--models", "cifar_resnet8+fold,cifar_resnet8+fast",
+                       "--baseline", "cifar_resnet8")
+    assert rc == 1
+    errors = {r["model"]: r["error"] for r in doc["results"]}
+    assert "--mode infer" in errors["cifar_resnet8+fold"]
+    assert "unknown model suffix" in errors["cifar_resnet8+fast"]
+    assert errors["cifar_resnet8"] is None and "failed" in md
+
+
+def test_pair_sets_a_second_baseline(tmp_path):
+    rc, doc, md = _run(tmp_path, "--models", "aff_cifar_resnet8,iaff_cifar_resnext11_32x4d", "--baseline",
+                       "cifar_resnet8", "--pair", "iaff_cifar_resnext11_32x4d=cifar_resnext11_32x4d")
+    assert rc == 0
+    rows = {r["model"]: r for r in doc["results"]}
+    assert rows["iaff_cifar_resnext11_32x4d"]["baseline"] == "cifar_resnext11_32x4d"
+    assert rows["aff_cifar_resnet8"]["baseline"] == "cifar_resnet8"
+    assert "--pair iaff_cifar_resnext11_32x4d=cifar_resnext11_32x4d" in doc["meta"]["command"]
+
+
+def test_naive_variant_computes_the_same():
+    import timm
+
+    from openaff.layers import AFF
+
+    model = timm.create_model("aff_cifar_resnet8", width_mult=0.25, num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        assert bench._make_naive(model) == sum(isinstance(m, AFF) for m in model.modules()) > 0
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
