@@ -293,3 +293,43 @@ def test_compiled_blend_kernels_match(backend):
     torch.testing.assert_close(out2, out, rtol=1e-13, atol=1e-13)
     for gt, wt in zip(got, want, strict=True):
         torch.testing.assert_close(gt, wt, rtol=1e-12, atol=1e-13)
+
+
+def test_blend_inplace_reuses_local_without_autograd():
+    x, y, a, g = _inputs((2, 4, 3, 3), torch.float64, grad=False)
+    want = attention_blend(x, y, a, g, 2.0)
+    a2 = a.clone()
+    with torch.no_grad():
+        out = attention_blend(x, y, a2, g, 2.0, inplace=True)
+    assert out.data_ptr() == a2.data_ptr()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    # With autograd the logits are saved for the backward pass and left alone.
+    x.requires_grad_()
+    a3 = a.clone()
+    attention_blend(x, y, a3, g, 2.0, inplace=True).sum().backward()
+    torch.testing.assert_close(a3, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_mscam_global_branch_fast_path(folded):
+    from openaff.inference import fuse_for_inference
+
+    m = MSCAM(16, 4).double().eval()
+    _randomize(m)
+    if folded:
+        fuse_for_inference(m)
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64)
+    want = m.global_att(x)
+    with torch.no_grad():
+        fast = m._global_eval(x)
+        _, glob = m.logits(x)
+    torch.testing.assert_close(fast, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(glob, want, rtol=1e-13, atol=1e-13)
+    # A hook on the branch must see its modules run, so the fast path steps aside.
+    seen = []
+    handle = m.global_att[1].register_forward_hook(lambda mod, i, o: seen.append(o))
+    with torch.no_grad():
+        assert m._global_eval(x) is None
+        m.logits(x)
+    handle.remove()
+    assert len(seen) == 1

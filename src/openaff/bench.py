@@ -568,8 +568,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion-kernels", choices=("eager", "compiled"), default=None,
                    help="blend kernels of our fusions in eager models (see openaff.layers.set_fusion_kernels)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation happens here)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
-    p.add_argument("--iters", type=int, default=3, help="steps per timed round")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds; the median is reported")
+    p.add_argument("--iters", type=int, default=2, help="steps per timed round")
     p.add_argument("--settle", type=int, default=None,
                    help="untimed steps of a model before each of its timed rounds (default: 1 on the CPU, 0 on GPUs)")
     p.add_argument("--seed", type=int, default=0)
