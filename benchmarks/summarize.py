@@ -40,7 +40,9 @@ def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) 
         if meta["mode"] != mode or not meta["device"].startswith(device):
             continue
         for r in doc["results"]:
-            if r["compiled"] == compiled and r["model"].split("+")[0] == model and r["error"] is None:
+            name, *suffixes = r["model"].split("+")
+            # "+naive" is the straightforward "before", shown in the tables but not a candidate here.
+            if r["compiled"] == compiled and name == model and "naive" not in suffixes and r["error"] is None:
                 out.append((meta.get("_file", ""), r))
     return out
 

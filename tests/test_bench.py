@@ -90,3 +90,20 @@ def test_naive_variant_computes_the_same():
         want = model(x)
         assert bench._make_naive(model) == sum(isinstance(m, AFF) for m in model.modules()) > 0
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_time_limit_reports_what_was_measured(tmp_path, monkeypatch):
+    # Past --time-limit no more rounds start: the rounds done so far are reported, not lost.
+    clock = iter(range(0, 10**6, 10))  # every perf_counter() call advances 10 "seconds"
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    rc, doc, md = _run(tmp_path, "--models", "aff_cifar_resnet8", "--baseline", "cifar_resnet8",
+                       "--repeats", "50", "--time-limit", "100")
+    assert rc == 0
+    meta = doc["meta"]
+    assert 1 <= meta["repeats_done"] < 50 and "--time-limit 100" in meta["command"]
+    assert all(len(r["samples_ms"]) == meta["repeats_done"] for r in doc["results"])
+    assert f"median of {meta['repeats_done']} rounds" in md
+    # A limit that passes before the first model is built: every model is reported as not run.
+    rc, doc, md = _run(tmp_path, "--models", "aff_cifar_resnet8", "--baseline", "cifar_resnet8",
+                       "--time-limit", "1")
+    assert rc == 1 and all("--time-limit" in r["error"] for r in doc["results"])

@@ -311,25 +311,44 @@ def test_blend_inplace_reuses_local_without_autograd():
 
 
 @pytest.mark.parametrize("folded", [False, True])
-def test_mscam_global_branch_fast_path(folded):
+@pytest.mark.parametrize("branch", ["local_att", "global_att"])
+def test_mscam_branch_fast_path(branch, folded):
+    # Evaluation without autograd folds each branch's BatchNorms on the fly: the same values.
     from openaff.inference import fuse_for_inference
+    from openaff.layers.mscam import _branch_eval
 
     m = MSCAM(16, 4).double().eval()
     _randomize(m)
     if folded:
         fuse_for_inference(m)
     x = torch.randn(3, 16, 5, 5, dtype=torch.float64)
-    want = m.global_att(x)
+    want = getattr(m, branch)(x)
     with torch.no_grad():
-        fast = m._global_eval(x)
-        _, glob = m.logits(x)
+        fast = _branch_eval(getattr(m, branch), x)
+        got = m.logits(x)[branch == "global_att"]
     torch.testing.assert_close(fast, want, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(glob, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
     # A hook on the branch must see its modules run, so the fast path steps aside.
     seen = []
-    handle = m.global_att[1].register_forward_hook(lambda mod, i, o: seen.append(o))
+    handle = getattr(m, branch)[-2].register_forward_hook(lambda mod, i, o: seen.append(o))
     with torch.no_grad():
-        assert m._global_eval(x) is None
+        assert _branch_eval(getattr(m, branch), x) is None
         m.logits(x)
     handle.remove()
     assert len(seen) == 1
+
+
+def test_mscam_branch_fast_path_steps_aside():
+    # A BatchNorm left in training mode, or a layer the fast path does not know, runs the modules.
+    from openaff.layers.mscam import _branch_eval
+
+    m = MSCAM(8, 2).eval()
+    x = torch.randn(2, 8, 4, 4)
+    m.local_att[1].train()
+    with torch.no_grad():
+        assert _branch_eval(m.local_att, x) is None
+    m.local_att[1].eval()
+    m.local_att[2] = torch.nn.GELU()
+    with torch.no_grad():
+        assert _branch_eval(m.local_att, x) is None
+        torch.testing.assert_close(m.logits(x)[0], m.local_att(x))

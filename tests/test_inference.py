@@ -101,10 +101,8 @@ def test_only_valid_batchnorms_are_folded(name, kwargs):
     assert fuse_for_inference(model).folded_batchnorms == 0
 
 
-@pytest.mark.slow
 def test_full_size_models_in_float64():
     # The ImageNet models of the paper, full depth, at a small input: folding is exact up to rounding.
-    # (about a minute; test_folded_model_matches covers the same code on one block per stage)
     for name in ("aff_resnet50", "iaff_resnext50_32x4d"):
         torch.manual_seed(0)
         model, x = _build(name, dict(zero_init_last=False), torch.float64)

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import shlex
@@ -375,8 +376,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     entries: list[_Entry] = []
     failed: list[BenchResult] = []
     load_before = _loadavg()
+    # --time-limit: stop building models / starting rounds once it has passed, and report what was
+    # measured (a time-out from outside would lose the whole run).
+    deadline = time.perf_counter() + args.time_limit if args.time_limit else math.inf
     for compiled in compile_flags:
         for spec in specs:
+            if time.perf_counter() > deadline:
+                failed.append(BenchResult(model=spec, compiled=compiled, error="not run: --time-limit reached"))
+                continue
             try:
                 entry = _Entry(spec, args, compiled, device, x, target)
                 t0 = time.perf_counter()
@@ -399,7 +406,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     # A model's first step after another model's meets the allocator in the other's state (on the CPU
     # a fresh large tensor page-faults); an untimed step first measures the model as a user runs it.
     settle = args.settle if args.settle is not None else (1 if device.type == "cpu" else 0)
+    rounds = 0
     for r in range(args.repeats):
+        if r > 0 and time.perf_counter() > deadline:
+            print(f"openaff bench: --time-limit reached after {r} of {args.repeats} rounds", file=sys.stderr)
+            break
+        rounds += 1
         order = list(range(len(entries)))
         order = order[r % max(len(order), 1):] + order[:r % max(len(order), 1)]
         for i in order:
@@ -453,7 +465,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         machine=_machine(device, torch.get_num_threads()),
         mode=args.mode, batch=args.batch, input_size=[args.in_chans, size, size], amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
-        warmup=args.warmup, repeats=args.repeats, iters=args.iters, settle=settle, baseline=args.baseline,
+        warmup=args.warmup, repeats=args.repeats, repeats_done=rounds, iters=args.iters, settle=settle,
+        baseline=args.baseline,
         quiet_cpu=args.quiet_cpu,
         fusion_recompute_default=fusion_recompute(), fusion_kernels=fusion_kernels(),
         loadavg_before=load_before, loadavg_after=load_after,
@@ -484,6 +497,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--settle", str(args.settle)]
     if args.quiet_cpu != 0.05:
         parts += ["--quiet-cpu", str(args.quiet_cpu)]
+    if args.time_limit:
+        parts += ["--time-limit", str(args.time_limit)]
     if args.json:
         parts += ["--json", str(args.json)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -502,7 +517,8 @@ def markdown_table(doc: dict) -> str:
     lines = [
         f"**{m['mode']}**, {m['device']} ({hw}), amp {m['amp']}, {layout}, batch {m['batch']}, "
         f"input {'x'.join(map(str, m['input_size']))}, compile {m['compile']}; "
-        f"median of {m['repeats']} rounds x {m['iters']} steps after {m['warmup']} warm-up steps "
+        f"median of {m.get('repeats_done', m['repeats'])} rounds x {m['iters']} steps "
+        f"after {m['warmup']} warm-up steps "
         f"({m['settle']} untimed step(s) before each round).",
         "",
         f"torch {mach['torch']}, timm {mach['timm']}, python {mach['python']}"
@@ -573,6 +589,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=int, default=None,
                    help="untimed steps of a model before each of its timed rounds (default: 1 on the CPU, 0 on GPUs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: past this, build no more models and start no more rounds; report what was measured")
     p.add_argument("--quiet-cpu", type=float, default=0.05,
                    help="CPU runs: a round counts as undisturbed when other processes used at most this share "
                         "of the machine's CPUs meanwhile (reported as the 'quiet' median)")

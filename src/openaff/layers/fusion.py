@@ -98,10 +98,12 @@ class _AttentionFusion(nn.Module):
     training mode keep only its inputs for the backward pass and run ``_fuse`` again there.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, r: int = 4, mscams: tuple[str, ...] = ("mscam",)) -> None:
         super().__init__()
         self.channels = channels
         self.recompute = fusion_recompute()
+        for name in mscams:  # attribute names are weight names: the authors' files depend on them
+            self.add_module(name, MSCAM(channels, r))
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -144,10 +146,6 @@ class AFF(_AttentionFusion):
         r: channel reduction of the MS-CAM.
     """
 
-    def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__(channels)
-        self.mscam = MSCAM(channels, r)
-
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # 2·x·w + 2·y·(1 − w) = 2·lerp(y, x, w), with w = sigmoid(L + G) fused into the blend.
         return attention_blend(x, y, *self.mscam.logits(x + y), scale=2.0, inplace=True)
@@ -166,9 +164,7 @@ class IAFF(_AttentionFusion):
     """
 
     def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__(channels)
-        self.mscam1 = MSCAM(channels, r)
-        self.mscam2 = MSCAM(channels, r)
+        super().__init__(channels, r, ("mscam1", "mscam2"))
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = attention_blend(x, y, *self.mscam1.logits(x + y), inplace=True)
@@ -193,10 +189,6 @@ class ConcatFusion(nn.Module):
 class MSSE(_AttentionFusion):
     """Refinement, SENet-like (paper's MS-SE): ``y + M(x)·x``."""
 
-    def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__(channels)
-        self.mscam = MSCAM(channels, r)
-
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(y, self.mscam(x), x)
 
@@ -205,10 +197,6 @@ class MSSE(_AttentionFusion):
 class MSGAU(_AttentionFusion):
     """Modulation, GAU-like (paper's MS-GAU): ``M(x)·y + x``."""
 
-    def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__(channels)
-        self.mscam = MSCAM(channels, r)
-
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(x, self.mscam(x), y)
 
@@ -216,10 +204,6 @@ class MSGAU(_AttentionFusion):
 @register_fusion("ms_sa")
 class MSSA(_AttentionFusion):
     """Modulation, fully context-aware (paper's MS-SA): ``M(x + y)·y + x``."""
-
-    def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__(channels)
-        self.mscam = MSCAM(channels, r)
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(x, self.mscam(x + y), y)

@@ -66,6 +66,56 @@ def _context_branch(channels: int, inter: int, pool: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv`` followed by ``bn`` (evaluation) as one 1x1 convolution's ``(C_out x C_in, bias)``."""
+    w, b = conv.weight.flatten(1), conv.bias
+    if bn is None:
+        return w, b
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.weight is not None else \
+        torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale if b is None else (b - bn.running_mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return w * scale[:, None], shift
+
+
+def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
+    """A context branch in evaluation without autograd, BatchNorm folded on the fly; None if not applicable.
+
+    Folding ``Conv1x1 -> BN`` into one convolution removes the BatchNorm's full-size pass, at the
+    price of a few products on ``C x C/r`` weights, and gives an unmodified model most of what
+    :func:`openaff.inference.fuse_for_inference` gives it. The pooled (global) branch works on
+    ``B x C`` matrices, where a 1x1 convolution is ``F.linear`` and skips the convolution set-up
+    that costs more than its arithmetic. The same modules, parameters and statistics; the rounding
+    differs in the last bits. Skipped (None) for any other layout and when a hook watches the branch.
+    """
+    mods = list(branch)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in [branch, *mods]):
+        return None
+    pooled = isinstance(mods[0], nn.AdaptiveAvgPool2d)
+    if pooled:
+        if mods[0].output_size not in (1, (1, 1)):
+            return None
+        x, mods = x.mean((2, 3)), mods[1:]
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0) \
+                and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros":
+            bn = mods[i + 1] if i + 1 < len(mods) else None
+            bn = bn if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and not bn.training else None
+            w, b = _folded(m, bn)
+            x = F.linear(x, w, b) if pooled else F.conv2d(x, w[:, :, None, None], b)
+            i += 2 if bn is not None else 1
+        elif isinstance(m, nn.ReLU):
+            x, i = torch.relu_(x), i + 1
+        elif isinstance(m, nn.Identity):
+            i += 1
+        else:
+            return None
+    return x[:, :, None, None] if pooled else x
+
+
 class MSCAM(nn.Module):
     """Multi-scale channel attention: returns the fusion weight ``M(x)`` in ``(0, 1)``.
 
@@ -89,32 +139,12 @@ class MSCAM(nn.Module):
 
         ``M(x) = sigmoid(L(x) + G(x))``; the fusion modules fuse that sum and sigmoid into their blend.
         """
-        glob = self._global_eval(x) if not (torch.is_grad_enabled() or self.global_att.training) else None
-        return self.local_att(x), self.global_att(x) if glob is None else glob
-
-    def _global_eval(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The global branch in evaluation without autograd, on ``B x C`` matrices; None if not applicable.
-
-        The branch works on a ``B x C x 1 x 1`` map, where a 1x1 convolution is a matrix product:
-        ``F.linear`` skips the convolution set-up, which costs more than the arithmetic here. The
-        same modules, parameters and statistics; skipped when a hook watches the branch.
-        """
-        mods = list(self.global_att)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in [self.global_att, *mods]):
-            return None
-        if not (isinstance(mods[0], nn.AdaptiveAvgPool2d) and mods[0].output_size in (1, (1, 1))):
-            return None
-        p = x.mean((2, 3))
-        for m in mods[1:]:
-            if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.padding == (0, 0) and m.groups == 1:
-                p = F.linear(p, m.weight.flatten(1), m.bias)
-            elif isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
-                p = F.batch_norm(p, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-            elif isinstance(m, nn.ReLU):
-                p = torch.relu_(p)
-            elif not isinstance(m, nn.Identity):
-                return None
-        return p[:, :, None, None]
+        if not torch.is_grad_enabled():
+            local = None if self.local_att.training else _branch_eval(self.local_att, x)
+            glob = None if self.global_att.training else _branch_eval(self.global_att, x)
+            return (self.local_att(x) if local is None else local,
+                    self.global_att(x) if glob is None else glob)
+        return self.local_att(x), self.global_att(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return attention_weight(*self.logits(x))
