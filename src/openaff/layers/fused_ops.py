@@ -75,10 +75,13 @@ class _AttentionBlend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, local: torch.Tensor, glob: torch.Tensor,
                 scale: float) -> torch.Tensor:
-        w = (local + glob).sigmoid_()
-        out = torch.lerp(y, x, w, out=w)
-        if scale != 1.0:
-            out.mul_(scale)
+        # no_grad: what eager autograd already does here; torch.compile of torch 2.4 traces this
+        # body with grad mode on, where lerp(out=) raises.
+        with torch.no_grad():
+            w = (local + glob).sigmoid_()
+            out = torch.lerp(y, x, w, out=w)
+            if scale != 1.0:
+                out.mul_(scale)
         ctx.save_for_backward(x, y, local, glob)
         ctx.scale = scale
         return out
