@@ -9,6 +9,7 @@ not in the given files is listed as "not measured".
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -48,21 +49,29 @@ def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) 
 
 
 def summarize(paths: list[str]) -> str:
+    """One row per target and model variant: the median over the files that measured it, and the range.
+
+    A machine's speed can shift between processes (memory placement), not only within one, so a
+    target measured in several runs (one file each) is judged on the median of the runs.
+    """
     docs = []
     for p in paths:
         doc = json.loads(Path(p).read_text())
         doc["meta"]["_file"] = Path(p).name
         docs.append(doc)
-    lines = ["| target | variant | value | vs | met |", "|---|---|---:|---|---|"]
+    lines = ["| target | variant | value (median of runs) | runs: min–max | vs | met |", "|---|---|---:|---|---|---|"]
     for desc, mode, device, compiled, model, fld, op, thr in TARGETS:
-        rows = _rows(docs, mode, device, compiled, model)
-        if not rows:
-            lines.append(f"| {desc} ({op} {thr}) | – | not measured | | |")
-        for fname, r in rows:
-            v = r.get(fld)
-            met = "–" if v is None else ("yes" if (v >= thr if op == ">=" else v <= thr) else "**no**")
-            val = "–" if v is None else f"{v:.3f}"
-            lines.append(f"| {desc} ({op} {thr}) | `{r['model']}` ({fname}) | {val} | `{r['baseline']}` | {met} |")
+        groups: dict[tuple[str, str], list[float]] = {}
+        for _, r in _rows(docs, mode, device, compiled, model):
+            if r.get(fld) is not None:
+                groups.setdefault((r["model"], r["baseline"]), []).append(r[fld])
+        if not groups:
+            lines.append(f"| {desc} ({op} {thr}) | – | not measured | | | |")
+        for (variant, baseline), vals in groups.items():
+            v = statistics.median(vals)
+            met = "yes" if (v >= thr if op == ">=" else v <= thr) else "**no**"
+            spread = f"{len(vals)}: {min(vals):.3f}–{max(vals):.3f}" if len(vals) > 1 else "1"
+            lines.append(f"| {desc} ({op} {thr}) | `{variant}` | {v:.3f} | {spread} | `{baseline}` | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,3 +107,33 @@ def test_time_limit_reports_what_was_measured(tmp_path, monkeypatch):
     rc, doc, md = _run(tmp_path, "--models", "aff_cifar_resnet8", "--baseline", "cifar_resnet8",
                        "--time-limit", "1")
     assert rc == 1 and all("--time-limit" in r["error"] for r in doc["results"])
+
+
+def _load_summarize():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize.py"
+    spec = importlib.util.spec_from_file_location("summarize", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summarize_judges_the_median_of_runs(tmp_path):
+    # Three CPU runs of the target: 1.02, 1.10, 1.04 -> median 1.04 <= 1.06; "+naive" is not a candidate.
+    summarize = _load_summarize()
+    paths = []
+    for i, ratio in enumerate((1.02, 1.10, 1.04)):
+        rows = [dict(model=m, compiled=False, error=None, baseline="resnet50d", time_ratio=v,
+                     time_ratio_paired=v, time_ratio_quiet=None)
+                for m, v in (("aff_resnet50+fold", ratio), ("aff_resnet50+naive", 1.2))]
+        doc = dict(meta=dict(mode="infer", device="cpu"), results=rows)
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    table = summarize.summarize([str(p) for p in paths])
+    row = next(line for line in table.splitlines() if "median of all rounds" in line)
+    assert "`aff_resnet50+fold` | 1.040 | 3: 1.020–1.100 | `resnet50d` | yes |" in row
+    assert "naive" not in table
+    assert "undisturbed rounds (<= 1.06) | – | not measured" in table  # no quiet numbers given
+    assert "eager (>= 0.85) | – | not measured" in table
