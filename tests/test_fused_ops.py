@@ -5,6 +5,7 @@ import copy
 import pytest
 import timm
 import torch
+from _layer_utils import randomize
 
 from openaff.layers import (
     AFF,
@@ -24,19 +25,6 @@ CL = torch.channels_last
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _randomize(module: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-            elif isinstance(m, torch.nn.Conv2d):
-                m.weight.normal_(0, 0.3)
-                m.bias.uniform_(-0.2, 0.2)
 
 
 def _naive_mscam(m: MSCAM, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +122,7 @@ def test_attention_weight_and_mscam():
     _, _, a, g = _inputs((2, 4, 3, 3), torch.float64)
     torch.testing.assert_close(attention_weight(a, g), torch.sigmoid(a + g), rtol=1e-15, atol=1e-15)
     m = MSCAM(8, 2).double().eval()
-    _randomize(m)
+    randomize(m)
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
     local, glob = m.logits(x)
     assert local.shape == x.shape and glob.shape == (2, 8, 1, 1)
@@ -147,7 +135,7 @@ def test_attention_weight_and_mscam():
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_fusion_module_matches_straightforward(cls, training, recompute, dtype, tol):
     ref = cls(16, 4).to(dtype)
-    _randomize(ref)
+    randomize(ref)
     ref.train(training)
     m = copy.deepcopy(ref)
     m.recompute = recompute
@@ -318,7 +306,7 @@ def test_mscam_branch_fast_path(branch, folded):
     from openaff.layers.mscam import _branch_eval
 
     m = MSCAM(16, 4).double().eval()
-    _randomize(m)
+    randomize(m)
     if folded:
         fuse_for_inference(m)
     x = torch.randn(3, 16, 5, 5, dtype=torch.float64)

@@ -3,22 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _layer_utils import randomize
 
 from openaff.layers import AFF, IAFF, MSCAM, ContextBatchNorm2d, create_fusion, fusion_names, register_fusion
-
-
-def _randomize(module: torch.nn.Module) -> None:
-    # Random BN statistics and affine parameters, so a wrong branch or index shows up.
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-            elif isinstance(m, torch.nn.Conv2d):
-                m.weight.normal_(0, 0.3)
-                m.bias.uniform_(-0.2, 0.2)
 
 
 def _branch(x, seq, offset, training):
@@ -46,7 +33,7 @@ def reference_mscam(m: MSCAM, x: torch.Tensor, training: bool = False) -> torch.
 @pytest.mark.parametrize("training", [False, True])
 def test_mscam_matches_equations(training):
     m = MSCAM(16, r=4).double()
-    _randomize(m)
+    randomize(m)
     m.train(training)
     x = torch.randn(3, 16, 5, 6, dtype=torch.float64)
     expected = reference_mscam(m, x, training)
@@ -56,7 +43,7 @@ def test_mscam_matches_equations(training):
 
 def test_aff_has_factor_two():
     m = AFF(8, r=2).double().eval()
-    _randomize(m)
+    randomize(m)
     x, y = torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 8, 4, 4, dtype=torch.float64)
     w = reference_mscam(m.mscam, x + y)
     torch.testing.assert_close(m(x, y), 2 * x * w + 2 * y * (1 - w), rtol=1e-12, atol=1e-12)
@@ -66,7 +53,7 @@ def test_aff_has_factor_two():
 
 def test_iaff_uses_its_own_second_mscam():
     m = IAFF(8, r=2).double().eval()
-    _randomize(m)
+    randomize(m)
     x, y = torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 8, 4, 4, dtype=torch.float64)
     w1 = reference_mscam(m.mscam1, x + y)
     z = x * w1 + y * (1 - w1)
@@ -92,7 +79,7 @@ def test_iaff_uses_its_own_second_mscam():
 def test_other_fusions(name, formula):
     m = create_fusion(name, 8, r=2).double().eval()
     if list(m.parameters()):
-        _randomize(m)
+        randomize(m)
     x, y = torch.randn(2, 8, 3, 3, dtype=torch.float64), torch.randn(2, 8, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(m(x, y), formula(x, y, m), rtol=1e-12, atol=1e-12)
 
