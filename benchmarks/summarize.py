@@ -34,7 +34,7 @@ TARGETS = [
 ]
 
 
-def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) -> list[tuple[str, dict]]:
+def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) -> list[dict]:
     out = []
     for doc in docs:
         meta = doc["meta"]
@@ -44,7 +44,7 @@ def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) 
             name, *suffixes = r["model"].split("+")
             # "+naive" is the straightforward "before", shown in the tables but not a candidate here.
             if r["compiled"] == compiled and name == model and "naive" not in suffixes and r["error"] is None:
-                out.append((meta.get("_file", ""), r))
+                out.append(r)
     return out
 
 
@@ -54,15 +54,11 @@ def summarize(paths: list[str]) -> str:
     A machine's speed can shift between processes (memory placement), not only within one, so a
     target measured in several runs (one file each) is judged on the median of the runs.
     """
-    docs = []
-    for p in paths:
-        doc = json.loads(Path(p).read_text())
-        doc["meta"]["_file"] = Path(p).name
-        docs.append(doc)
+    docs = [json.loads(Path(p).read_text()) for p in paths]
     lines = ["| target | variant | value (median of runs) | runs: min–max | vs | met |", "|---|---|---:|---|---|---|"]
     for desc, mode, device, compiled, model, fld, op, thr in TARGETS:
         groups: dict[tuple[str, str], list[float]] = {}
-        for _, r in _rows(docs, mode, device, compiled, model):
+        for r in _rows(docs, mode, device, compiled, model):
             if r.get(fld) is not None:
                 groups.setdefault((r["model"], r["baseline"]), []).append(r[fld])
         if not groups:
