@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
 # CPU target of issue #5 (AFF-ResNet-50 inference <= 1.06x the time of resnet50d; fp32, 2 threads,
-# batch 8, 224x224), measured in RUNS separate processes of ROUNDS paired rounds each.
+# batch 8, 224x224), measured in RUNS separate processes of ROUNDS paired rounds each, for each
+# memory format in FORMATS (the same for the model and its baseline).
 #
-#   bash benchmarks/cpu_target.sh            # RUNS=4 ROUNDS=30: about 12 minutes on the 2-core VM
+#   bash benchmarks/cpu_target.sh            # RUNS=4 ROUNDS=12 FORMATS="nchw cl": about 16 minutes on the 2-core VM
 #
 # On a shared VM one process can be a few per cent slower for one model than another process is
 # (where its memory lands), for all its rounds; rounds within a process cannot average that out, so
 # the verdict (results/cpu-target-summary.md, benchmarks/summarize.py) takes the median of the runs.
+# `openaff bench` keeps freed memory in the process (--cpu-alloc retain, the default): with the
+# system's malloc most of a forward pass's pages fault afresh every step, which costs every model
+# 15-25 % and, because how many fault depends on the order of allocations, decides the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-4}
-ROUNDS=${ROUNDS:-30}
+ROUNDS=${ROUNDS:-12}
+FORMATS=${FORMATS:-nchw cl}
 OUT=${OUT:-benchmarks/results}
 BIN=${OPENAFF:-openaff}
 [ -x .venv/bin/openaff ] && [ -z "${OPENAFF:-}" ] && BIN=.venv/bin/openaff
-rm -f "$OUT"/cpu-target-run*.json "$OUT"/cpu-target-run*.md
+rm -f "$OUT"/cpu-target-*run*.json "$OUT"/cpu-target-*run*.md
 for i in $(seq 1 "$RUNS"); do
-  "$BIN" bench --device cpu --mode infer --batch 8 --threads 2 --repeats "$ROUNDS" --iters 1 \
-    --models aff_resnet50+fold,aff_resnet50,aff_resnet50+naive,resnet50d+fold --baseline resnet50d \
-    --json "$OUT/cpu-target-run$i.json" > /dev/null
-  echo "run $i of $RUNS done"
+  for fmt in $FORMATS; do
+    flag=--no-channels-last; [ "$fmt" = cl ] && flag=--channels-last
+    "$BIN" bench --device cpu --mode infer --batch 8 --threads 2 --repeats "$ROUNDS" --iters 1 $flag \
+      --models aff_resnet50+fold,aff_resnet50,resnet50d+fold --baseline resnet50d \
+      --json "$OUT/cpu-target-$fmt-run$i.json" > /dev/null
+    echo "run $i ($fmt) of $RUNS done"
+  done
 done
-python3 benchmarks/summarize.py "$OUT"/cpu-target-run*.json | grep -E "^\| (target|---)|CPU" > "$OUT/cpu-target-summary.md"
+python3 benchmarks/summarize.py "$OUT"/cpu-target-*run*.json | grep -E "^\| (target|---)|CPU" > "$OUT/cpu-target-summary.md"
 cat "$OUT/cpu-target-summary.md"

@@ -34,6 +34,14 @@ TARGETS = [
 ]
 
 
+def _setup(meta: dict) -> str:
+    """What besides the model sets the numbers apart: memory format and, on the CPU, the allocator."""
+    parts = ["channels_last" if meta.get("channels_last") else "NCHW"]
+    if meta.get("cpu_alloc"):
+        parts.append(f"alloc {meta['cpu_alloc']}")
+    return ", ".join(parts)
+
+
 def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) -> list[dict]:
     out = []
     for doc in docs:
@@ -44,7 +52,7 @@ def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) 
             name, *suffixes = r["model"].split("+")
             # "+naive" is the straightforward "before", shown in the tables but not a candidate here.
             if r["compiled"] == compiled and name == model and "naive" not in suffixes and r["error"] is None:
-                out.append(r)
+                out.append({**r, "setup": _setup(meta)})
     return out
 
 
@@ -55,19 +63,20 @@ def summarize(paths: list[str]) -> str:
     target measured in several runs (one file each) is judged on the median of the runs.
     """
     docs = [json.loads(Path(p).read_text()) for p in paths]
-    lines = ["| target | variant | value (median of runs) | runs: min–max | vs | met |", "|---|---|---:|---|---|---|"]
+    lines = ["| target | variant | setup | value (median of runs) | runs: min–max | vs | met |",
+             "|---|---|---|---:|---|---|---|"]
     for desc, mode, device, compiled, model, fld, op, thr in TARGETS:
-        groups: dict[tuple[str, str], list[float]] = {}
+        groups: dict[tuple[str, str, str], list[float]] = {}
         for r in _rows(docs, mode, device, compiled, model):
             if r.get(fld) is not None:
-                groups.setdefault((r["model"], r["baseline"]), []).append(r[fld])
+                groups.setdefault((r["model"], r["setup"], r["baseline"]), []).append(r[fld])
         if not groups:
-            lines.append(f"| {desc} ({op} {thr}) | – | not measured | | | |")
-        for (variant, baseline), vals in groups.items():
+            lines.append(f"| {desc} ({op} {thr}) | – | | not measured | | | |")
+        for (variant, setup, baseline), vals in groups.items():
             v = statistics.median(vals)
             met = "yes" if (v >= thr if op == ">=" else v <= thr) else "**no**"
             spread = f"{len(vals)}: {min(vals):.3f}–{max(vals):.3f}" if len(vals) > 1 else "1"
-            lines.append(f"| {desc} ({op} {thr}) | `{variant}` | {v:.3f} | {spread} | `{baseline}` | {met} |")
+            lines.append(f"| {desc} ({op} {thr}) | `{variant}` | {setup} | {v:.3f} | {spread} | `{baseline}` | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@ from openaff import bench
 from openaff.cli import COMMANDS
 
 TINY = ["--device", "cpu", "--img-size", "16", "--num-classes", "10", "--batch", "2", "--warmup", "1",
-        "--repeats", "1", "--iters", "1", "--threads", "1"]
+        "--repeats", "1", "--iters", "1", "--threads", "1", "--cpu-alloc", "system"]
+# "--cpu-alloc system": the default (retain) changes malloc for the rest of the pytest process.
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +48,8 @@ def test_infer_with_folding_writes_json_and_markdown(tmp_path):
     assert meta["mode"] == "infer" and meta["machine"]["torch"] and meta["command"].startswith("openaff bench")
     assert "--channels-last" in meta["command"] and meta["machine"]["threads"] == 1
     assert md == doc["markdown"] and "| `aff_cifar_resnet8+fold` |" in md and "| `cifar_resnet8` |" in md
+    assert meta["cpu_alloc"] == "system" and "--cpu-alloc system" in meta["command"]
+    assert all(r["faults_per_step"] >= 0 for r in rows.values()) and "faults/step" in md
 
 
 def test_train_reports_saved_memory_and_recompute_saves_less(tmp_path):
@@ -121,19 +124,22 @@ def _load_summarize():
 
 
 def test_summarize_judges_the_median_of_runs(tmp_path):
-    # Three CPU runs of the target: 1.02, 1.10, 1.04 -> median 1.04 <= 1.06; "+naive" is not a candidate.
+    # Three NCHW CPU runs of the target: 1.02, 1.10, 1.04 -> median 1.04 <= 1.06; "+naive" is not a
+    # candidate; one channels_last run (1.08) is a separate setup, judged on its own.
     summarize = _load_summarize()
     paths = []
-    for i, ratio in enumerate((1.02, 1.10, 1.04)):
+    for i, (ratio, cl) in enumerate(((1.02, False), (1.10, False), (1.04, False), (1.08, True))):
         rows = [dict(model=m, compiled=False, error=None, baseline="resnet50d", time_ratio=v,
                      time_ratio_paired=v, time_ratio_quiet=None)
                 for m, v in (("aff_resnet50+fold", ratio), ("aff_resnet50+naive", 1.2))]
-        doc = dict(meta=dict(mode="infer", device="cpu"), results=rows)
+        doc = dict(meta=dict(mode="infer", device="cpu", channels_last=cl, cpu_alloc="retain"), results=rows)
         paths.append(tmp_path / f"run{i}.json")
         paths[-1].write_text(json.dumps(doc))
     table = summarize.summarize([str(p) for p in paths])
-    row = next(line for line in table.splitlines() if "median of all rounds" in line)
-    assert "`aff_resnet50+fold` | 1.040 | 3: 1.020–1.100 | `resnet50d` | yes |" in row
+    rows = [line for line in table.splitlines() if "median of all rounds" in line]
+    assert len(rows) == 2
+    assert "`aff_resnet50+fold` | NCHW, alloc retain | 1.040 | 3: 1.020–1.100 | `resnet50d` | yes |" in rows[0]
+    assert "`aff_resnet50+fold` | channels_last, alloc retain | 1.080 | 1 | `resnet50d` | **no** |" in rows[1]
     assert "naive" not in table
-    assert "undisturbed rounds (<= 1.06) | – | not measured" in table  # no quiet numbers given
-    assert "eager (>= 0.85) | – | not measured" in table
+    assert "undisturbed rounds (<= 1.06) | – | | not measured" in table  # no quiet numbers given
+    assert "eager (>= 0.85) | – | | not measured" in table

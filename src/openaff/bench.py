@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_memory import minor_page_faults, retain_freed_memory
+
 __all__ = ["BenchResult", "add_parser", "main", "markdown_table", "run_bench"]
 
 # Without --models: our two headline models and the timm networks a user would pick instead; in
@@ -87,6 +89,7 @@ class BenchResult:
     time_ratio_paired: float | None = None
     samples_ms: list[float] = field(default_factory=list)
     samples_others_cpu: list[float] = field(default_factory=list)
+    faults_per_step: float | None = None
 
 
 def _parse_pairs(pairs: list[str] | None) -> dict[str, str]:
@@ -271,11 +274,13 @@ def _busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _time_steps(entry: _Entry, iters: int, device: torch.device) -> tuple[float, float | None]:
-    """Seconds per step over ``iters`` steps, and the share of the machine's CPUs other processes used meanwhile.
+def _time_steps(entry: _Entry, iters: int, device: torch.device) -> tuple[float, float | None, float | None]:
+    """Seconds per step over ``iters`` steps, the share of the machine's CPUs other processes used
+    meanwhile, and this process's minor page faults per step (CPU runs).
 
     On a shared machine a concurrent job can slow a CPU run several-fold (the OpenMP threads wait
     for each other at every op); the second number lets the report single out undisturbed rounds.
+    The third shows what the allocator costs (see :mod:`openaff.cpu_memory`).
     """
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -285,15 +290,17 @@ def _time_steps(entry: _Entry, iters: int, device: torch.device) -> tuple[float,
             entry.step()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters, None
+        return start.elapsed_time(end) / 1e3 / iters, None, None
+    faults0 = minor_page_faults()
     busy0, own0, t0 = _busy_seconds(), time.process_time(), time.perf_counter()
     for _ in range(iters):
         entry.step()
     wall, own, busy1 = time.perf_counter() - t0, time.process_time() - own0, _busy_seconds()
+    faults = (minor_page_faults() - faults0) / iters
     others = None
     if busy0 is not None and busy1 is not None:
         others = max(busy1 - busy0 - own, 0.0) / (wall * (os.cpu_count() or 1))
-    return wall / iters, others
+    return wall / iters, others, faults
 
 
 def _peak_mem(entry: _Entry, device: torch.device) -> float | None:
@@ -356,6 +363,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Before any model exists: what the allocator does to a CPU step is part of the setup, recorded in meta.
+    cpu_alloc = args.cpu_alloc
+    if device.type == "cpu" and cpu_alloc == "retain" and not retain_freed_memory():
+        cpu_alloc = "system (retain not available: not glibc)"
     if args.fusion_kernels:
         set_fusion_kernels(args.fusion_kernels)
     if device.type == "cuda":
@@ -402,7 +413,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 failed.append(res)
             gc.collect()
 
-    samples: dict[int, list[tuple[float, float | None]]] = {i: [] for i in range(len(entries))}
+    samples: dict[int, list[tuple[float, float | None, float | None]]] = {i: [] for i in range(len(entries))}
     # A model's first step after another model's meets the allocator in the other's state (on the CPU
     # a fresh large tensor page-faults); an untimed step first measures the model as a user runs it.
     settle = args.settle if args.settle is not None else (1 if device.type == "cpu" else 0)
@@ -426,14 +437,16 @@ def run_bench(args: argparse.Namespace) -> dict:
     results = []
     for i, entry in enumerate(entries):
         res = entry.result
-        s = [t for t, _ in samples[i]]
+        s = [t for t, _, _ in samples[i]]
         if s and res.error is None:
             res.samples_ms = [round(v * 1e3, 3) for v in s]
-            res.samples_others_cpu = [None if o is None else round(o, 3) for _, o in samples[i]]
+            res.samples_others_cpu = [None if o is None else round(o, 3) for _, o, _ in samples[i]]
+            faults = [f for _, _, f in samples[i] if f is not None]
+            res.faults_per_step = statistics.median(faults) if faults else None
             res.ms_median = statistics.median(s) * 1e3
             res.ms_min, res.ms_max = min(s) * 1e3, max(s) * 1e3
             res.images_per_s = args.batch / (res.ms_median / 1e3)
-            quiet = [t for t, o in samples[i] if o is not None and o <= args.quiet_cpu]
+            quiet = [t for t, o, _ in samples[i] if o is not None and o <= args.quiet_cpu]
             if device.type == "cpu" and samples[i][0][1] is not None:
                 res.quiet_samples = len(quiet)
                 res.ms_quiet_median = statistics.median(quiet) * 1e3 if quiet else None
@@ -464,7 +477,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=str(device),
         machine=_machine(device, torch.get_num_threads()),
         mode=args.mode, batch=args.batch, input_size=[args.in_chans, size, size], amp=args.amp,
-        channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
+        channels_last=args.channels_last, cpu_alloc=cpu_alloc if device.type == "cpu" else None,
+        compile=args.compile, compile_mode=args.compile_mode,
         warmup=args.warmup, repeats=args.repeats, repeats_done=rounds, iters=args.iters, settle=settle,
         baseline=args.baseline,
         quiet_cpu=args.quiet_cpu,
@@ -488,6 +502,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts.append("--channels-last" if args.channels_last else "--no-channels-last")
     if args.threads:
         parts += ["--threads", str(args.threads)]
+    if args.cpu_alloc != "retain":
+        parts += ["--cpu-alloc", args.cpu_alloc]
     if args.fusion_kernels:
         parts += ["--fusion-kernels", args.fusion_kernels]
     if args.in_chans != 3 or args.num_classes != 1000:
@@ -508,6 +524,10 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+_ALLOC_WORDS = {"retain": "freed memory kept in the process (openaff.cpu_memory)",
+                "system": "malloc as the system sets it (freed memory returned, fresh pages fault)"}
+
+
 def markdown_table(doc: dict) -> str:
     """The results of :func:`run_bench` as a markdown section (setup lines, then one row per model)."""
     m = doc["meta"]
@@ -519,7 +539,8 @@ def markdown_table(doc: dict) -> str:
         f"input {'x'.join(map(str, m['input_size']))}, compile {m['compile']}; "
         f"median of {m.get('repeats_done', m['repeats'])} rounds x {m['iters']} steps "
         f"after {m['warmup']} warm-up steps "
-        f"({m['settle']} untimed step(s) before each round).",
+        f"({m['settle']} untimed step(s) before each round)"
+        + (f"; CPU allocator: {_ALLOC_WORDS.get(m['cpu_alloc'], m['cpu_alloc'])}." if m.get("cpu_alloc") else "."),
         "",
         f"torch {mach['torch']}, timm {mach['timm']}, python {mach['python']}"
         + (f", CUDA {mach['cuda']}, cuDNN {mach['cudnn']}" if "cuda" in mach else "")
@@ -531,6 +552,8 @@ def markdown_table(doc: dict) -> str:
     quiet = any(r.get("quiet_samples") is not None for r in doc["results"])
     head = ["model", "compiled", "ms/step", "min–max", "img/s", "vs", "time ×", "img/s ×", "paired time ×"]
     head += ["quiet ms (rounds)", "quiet time ×"] if quiet else []
+    faults = any(r.get("faults_per_step") is not None for r in doc["results"])
+    head += ["faults/step"] if faults else []
     head += ["peak MiB", "mem ×", "saved MiB", "saved ×", "GMACs", "notes"]
     lines += ["time ×: ratio of the medians; paired time ×: median over rounds of the ratio within a round "
               "(the models of a round run back to back, so it cancels drifts of the machine's speed).", ""]
@@ -551,6 +574,8 @@ def markdown_table(doc: dict) -> str:
                  _fmt(r["throughput_ratio"], ".3f"), _fmt(r["time_ratio_paired"], ".3f")]
         if quiet:
             cells += [f"{_fmt(r['ms_quiet_median'], '.1f')} ({r['quiet_samples']})", _fmt(r["time_ratio_quiet"], ".3f")]
+        if faults:
+            cells.append(_fmt(r.get("faults_per_step"), ".0f"))
         cells += [_fmt(r["peak_mem_mib"], ".0f"), _fmt(r["peak_mem_ratio"], ".3f"), _fmt(r["saved_mib"], ".0f"),
                   _fmt(r["saved_ratio"], ".3f"), _fmt(r["gmacs"], ".2f"), r["notes"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -580,6 +605,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), default="off", help="autocast dtype")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="channels_last model and input")
+    p.add_argument("--cpu-alloc", choices=("retain", "system"), default="retain",
+                   help="CPU runs: 'retain' keeps freed memory in the process so that steps do not page-fault "
+                        "(openaff.cpu_memory; glibc), 'system' leaves malloc as it is")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--fusion-kernels", choices=("eager", "compiled"), default=None,
                    help="blend kernels of our fusions in eager models (see openaff.layers.set_fusion_kernels)")

@@ -86,6 +86,8 @@ class TrainConfig:
     channels_last: bool = _f(False, "NHWC memory layout")
     compile: bool = _f(False, "torch.compile the model")
     threads: int | None = _f(None, "CPU threads per process (torch.set_num_threads)")
+    cpu_alloc: str = _f("retain", "CPU runs: keep freed memory in the process, no page faults (openaff.cpu_memory; "
+                        "glibc) or leave malloc as the system sets it", choices=("retain", "system"))
     device: str = _f("auto", "auto | cpu | cuda")
     # run
     seed: int = _f(0, "seed of the initial weights, the data order and the augmentation")

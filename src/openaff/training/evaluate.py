@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..cpu_memory import retain_freed_memory
 from . import distributed
 from .checkpoint import load_weights
 from .config import make_config, parse_kv
@@ -41,7 +42,7 @@ def evaluate(weights: str | Path, model: str | None = None, data: str = "fashion
              workers: int | None = None, device: str = "auto", amp: str = "none", channels_last: bool = False,
              img_size: int | None = None, crop_pct: float = 0.875, cifar100_labels: str = "fine",
              limit: int | None = None, skip_corrupt: bool = False, threads: int | None = None,
-             progress: bool = True) -> dict:
+             cpu_alloc: str = "retain", progress: bool = True) -> dict:
     """Evaluate ``weights`` on the validation/test split of ``data``; the Python API of ``openaff eval``.
 
     Args:
@@ -62,6 +63,8 @@ def evaluate(weights: str | Path, model: str | None = None, data: str = "fashion
         limit: evaluate only the first N images.
         skip_corrupt: skip and count unreadable images.
         threads: CPU threads (torch.set_num_threads; default: torch's).
+        cpu_alloc: on the CPU, ``"retain"`` keeps freed memory in the process so that batches do not
+            page-fault (:mod:`openaff.cpu_memory`, process-wide); ``"system"`` leaves malloc alone.
         progress: show a progress bar.
 
     Returns:
@@ -78,6 +81,8 @@ def evaluate(weights: str | Path, model: str | None = None, data: str = "fashion
     if threads:
         torch.set_num_threads(threads)
     dist = distributed.setup(device)
+    if dist.device.type == "cpu" and cpu_alloc == "retain":
+        retain_freed_memory()
     try:
         bundle = build_data(cfg, dist, train=False)
         net = create_model(cfg, bundle.num_classes, bundle.in_chans)
@@ -123,6 +128,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count unreadable images")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--cpu-alloc", choices=("retain", "system"), default="retain",
+                   help="CPU runs: keep freed memory in the process (no page faults) or leave malloc alone")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=lambda args: run_command("openaff eval", lambda: _run(args)))
@@ -137,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                    channels_last=args.channels_last, img_size=args.img_size, crop_pct=args.crop_pct,
                    cifar100_labels=args.cifar100_labels, limit=args.limit, skip_corrupt=args.skip_corrupt,
-                   threads=args.threads, progress=args.progress)
+                   threads=args.threads, cpu_alloc=args.cpu_alloc, progress=args.progress)
     skipped = f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""
     print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): top-1 {res['top1']:.2f} %, "
           f"top-5 {res['top5']:.2f} %, loss {res['loss']:.4f}")

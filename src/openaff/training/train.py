@@ -24,6 +24,7 @@ import torch
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
+from ..cpu_memory import retain_freed_memory
 from . import distributed
 from .checkpoint import atomic_write, save_weights
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
@@ -79,7 +80,10 @@ def _setup_runtime(cfg: TrainConfig) -> distributed.DistInfo:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-    return distributed.setup(cfg.device)
+    dist = distributed.setup(cfg.device)
+    if dist.device.type == "cpu" and cfg.cpu_alloc == "retain":
+        retain_freed_memory()  # ~9 % faster CPU training steps (openaff.cpu_memory)
+    return dist
 
 
 def train(config: TrainConfig | dict | str, resume: str | Path | None = None) -> TrainResult:
