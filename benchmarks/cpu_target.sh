@@ -3,7 +3,8 @@
 # batch 8, 224x224), measured in RUNS separate processes of ROUNDS paired rounds each, for each
 # memory format in FORMATS (the same for the model and its baseline).
 #
-#   bash benchmarks/cpu_target.sh            # RUNS=4 ROUNDS=12 FORMATS="nchw cl": about 16 minutes on the 2-core VM
+#   bash benchmarks/cpu_target.sh            # RUNS=4 ROUNDS=12 FORMATS="nchw cl": about 8 minutes on the 2-core VM
+#   ALLOC=system OUT=/tmp/system bash benchmarks/cpu_target.sh   # the same with the system's malloc
 #
 # On a shared VM one process can be a few per cent slower for one model than another process is
 # (where its memory lands), for all its rounds; rounds within a process cannot average that out, so
@@ -16,18 +17,20 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-4}
 ROUNDS=${ROUNDS:-12}
 FORMATS=${FORMATS:-nchw cl}
+ALLOC=${ALLOC:-retain}   # or system: malloc as the system sets it (page faults every step)
 OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
 BIN=${OPENAFF:-openaff}
 [ -x .venv/bin/openaff ] && [ -z "${OPENAFF:-}" ] && BIN=.venv/bin/openaff
 rm -f "$OUT"/cpu-target-*run*.json "$OUT"/cpu-target-*run*.md
 for i in $(seq 1 "$RUNS"); do
   for fmt in $FORMATS; do
     flag=--no-channels-last; [ "$fmt" = cl ] && flag=--channels-last
-    "$BIN" bench --device cpu --mode infer --batch 8 --threads 2 --repeats "$ROUNDS" --iters 1 $flag \
+    "$BIN" bench --device cpu --mode infer --batch 8 --threads 2 --repeats "$ROUNDS" --iters 1 $flag --cpu-alloc "$ALLOC" \
       --models aff_resnet50+fold,aff_resnet50,resnet50d+fold --baseline resnet50d \
       --json "$OUT/cpu-target-$fmt-run$i.json" > /dev/null
     echo "run $i ($fmt) of $RUNS done"
   done
 done
-python3 benchmarks/summarize.py "$OUT"/cpu-target-*run*.json | grep -E "^\| (target|---)|CPU" > "$OUT/cpu-target-summary.md"
+python3 benchmarks/summarize.py "$OUT"/cpu-target-*run*.json | grep -E "^\|( target|---)|CPU" > "$OUT/cpu-target-summary.md"
 cat "$OUT/cpu-target-summary.md"

@@ -90,10 +90,12 @@ def test_fashion_mnist_recipes_build(name: str, tmp_path: Path) -> None:
 def test_flags_override_recipe() -> None:
     parser = build_parser()
     args = parser.parse_args(["train", "--recipe", "fashion-mnist-cpu", "--lr", "0.5", "--epochs", "3",
-                              "--model-kwargs", "drop_path_rate=0.1", "--no-channels-last", "--limit-train", "none"])
+                              "--model-kwargs", "drop_path_rate=0.1", "--no-channels-last", "--limit-train", "none",
+                              "--cpu-alloc", "system"])
     cfg = config_from_args(args)
     recipe = load_recipe("fashion-mnist-cpu")
     assert (cfg.lr, cfg.epochs, cfg.channels_last, cfg.limit_train) == (0.5, 3, False, None)
+    assert cfg.cpu_alloc == "system" and make_config("fashion-mnist-cpu").cpu_alloc == "retain"
     assert cfg.model_kwargs == {**recipe["model_kwargs"], "drop_path_rate": 0.1}
     assert cfg.batch_size == recipe["batch_size"] and cfg.recipe == "fashion-mnist-cpu"
 
@@ -105,6 +107,8 @@ def test_bad_configs(tmp_path: Path) -> None:
         make_config(dict(learning_rate=0.1))
     with pytest.raises(ConfigError, match="amp"):
         make_config(amp="fp8")
+    with pytest.raises(ConfigError, match="cpu_alloc"):
+        make_config(cpu_alloc="jemalloc")
     bad = tmp_path / "r.yaml"
     bad.write_text("epochs: [1\n")
     with pytest.raises(ConfigError, match="YAML"):
