@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/summarize.py RESULT.json [RESULT.json ...]
 
-Each target names the file kind it needs (mode, device type, compile); a target whose numbers are
-not in the given files is listed as "not measured".
+Each target names the file kind it needs (mode, device type, compile) and the setup the issue defines
+it for (CPU_SETUP, GPU_SETUP: AMP, batch, input size...); files of another setup, e.g. a smoke test,
+are ignored, and a target whose numbers are not in the given files is listed as "not measured".
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+# The setup each target is defined for (issue #5); runs with another setup (a smoke test at batch 2,
+# bf16 on a CPU) are not evidence for or against it.
+GPU_SETUP = dict(amp="bf16", channels_last=True, batch=256, input_size=[3, 224, 224])
+CPU_SETUP = dict(amp="off", batch=8, input_size=[3, 224, 224], threads=2)
 
 # (description, mode, device type, compiled, model, field, op, threshold)
 TARGETS = [
@@ -42,11 +48,18 @@ def _setup(meta: dict) -> str:
     return ", ".join(parts)
 
 
+def _matches(meta: dict, setup: dict) -> bool:
+    threads = meta.get("machine", {}).get("threads")
+    return all((threads if k == "threads" else meta.get(k)) == v for k, v in setup.items())
+
+
 def _rows(docs: list[dict], mode: str, device: str, compiled: bool, model: str) -> list[dict]:
     out = []
     for doc in docs:
         meta = doc["meta"]
         if meta["mode"] != mode or not meta["device"].startswith(device):
+            continue
+        if not _matches(meta, CPU_SETUP if device == "cpu" else GPU_SETUP):
             continue
         for r in doc["results"]:
             name, *suffixes = r["model"].split("+")

@@ -132,9 +132,17 @@ def test_summarize_judges_the_median_of_runs(tmp_path):
         rows = [dict(model=m, compiled=False, error=None, baseline="resnet50d", time_ratio=v,
                      time_ratio_paired=v, time_ratio_quiet=None)
                 for m, v in (("aff_resnet50+fold", ratio), ("aff_resnet50+naive", 1.2))]
-        doc = dict(meta=dict(mode="infer", device="cpu", channels_last=cl, cpu_alloc="retain"), results=rows)
+        meta = dict(mode="infer", device="cpu", channels_last=cl, cpu_alloc="retain", amp="off", batch=8,
+                    input_size=[3, 224, 224], machine=dict(threads=2))
         paths.append(tmp_path / f"run{i}.json")
-        paths[-1].write_text(json.dumps(doc))
+        paths[-1].write_text(json.dumps(dict(meta=meta, results=rows)))
+    # A smoke test (batch 2) is not evidence for the target: left out.
+    smoke = dict(mode="infer", device="cpu", channels_last=False, amp="off", batch=2, input_size=[3, 64, 64],
+                 machine=dict(threads=2))
+    paths.append(tmp_path / "smoke.json")
+    paths[-1].write_text(json.dumps(dict(meta=smoke, results=[dict(
+        model="aff_resnet50+fold", compiled=False, error=None, baseline="resnet50d", time_ratio=2.0,
+        time_ratio_paired=2.0, time_ratio_quiet=None)])))
     table = summarize.summarize([str(p) for p in paths])
     rows = [line for line in table.splitlines() if "median of all rounds" in line]
     assert len(rows) == 2
