@@ -187,3 +187,14 @@ def test_corrupt_image_names_the_file(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader((tmp_path / "out2" / "metrics.csv").open()))
     assert rows[0]["skipped"] == "1" and "1 unreadable images skipped" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("cpu_alloc", ["retain", "system"])
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(cpu_alloc: str, monkeypatch) -> None:
+    import openaff.training.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "retain_freed_memory", lambda: calls.append(1) or True)
+    dist = train_mod._setup_runtime(make_config(device="cpu", cpu_alloc=cpu_alloc))
+    assert dist.device.type == "cpu"
+    assert len(calls) == (cpu_alloc == "retain")
