@@ -41,3 +41,13 @@ def test_retain_reports_whether_it_applied():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(cpu_memory._glibc() is not None)
     assert cpu_memory.minor_page_faults() >= 0
+
+
+def test_apply_cpu_alloc_records_what_the_run_got(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_memory, "retain_freed_memory", lambda: calls.append(1) or False)
+    assert cpu_memory.apply_cpu_alloc("retain", "cuda") is None and not calls
+    assert cpu_memory.apply_cpu_alloc("system", "cpu") == "system" and not calls
+    assert cpu_memory.apply_cpu_alloc("retain", "cpu") == "system (retain not available: not glibc)"
+    monkeypatch.setattr(cpu_memory, "retain_freed_memory", lambda: True)
+    assert cpu_memory.apply_cpu_alloc("retain", "cpu") == "retain"

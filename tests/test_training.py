@@ -194,7 +194,7 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to(cpu_alloc: str, monkeypat
     import openaff.training.train as train_mod
 
     calls = []
-    monkeypatch.setattr(train_mod, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("openaff.cpu_memory.retain_freed_memory", lambda: calls.append(1) or True)
     dist = train_mod._setup_runtime(make_config(device="cpu", cpu_alloc=cpu_alloc))
     assert dist.device.type == "cpu"
     assert len(calls) == (cpu_alloc == "retain")

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_memory import minor_page_faults, retain_freed_memory
+from .cpu_memory import apply_cpu_alloc, minor_page_faults
 
 __all__ = ["BenchResult", "add_parser", "main", "markdown_table", "run_bench"]
 
@@ -364,9 +364,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     # Before any model exists: what the allocator does to a CPU step is part of the setup, recorded in meta.
-    cpu_alloc = args.cpu_alloc
-    if device.type == "cpu" and cpu_alloc == "retain" and not retain_freed_memory():
-        cpu_alloc = "system (retain not available: not glibc)"
+    cpu_alloc = apply_cpu_alloc(args.cpu_alloc, device.type)
     if args.fusion_kernels:
         set_fusion_kernels(args.fusion_kernels)
     if device.type == "cuda":
@@ -477,7 +475,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=str(device),
         machine=_machine(device, torch.get_num_threads()),
         mode=args.mode, batch=args.batch, input_size=[args.in_chans, size, size], amp=args.amp,
-        channels_last=args.channels_last, cpu_alloc=cpu_alloc if device.type == "cpu" else None,
+        channels_last=args.channels_last, cpu_alloc=cpu_alloc,
         compile=args.compile, compile_mode=args.compile_mode,
         warmup=args.warmup, repeats=args.repeats, repeats_done=rounds, iters=args.iters, settle=settle,
         baseline=args.baseline,

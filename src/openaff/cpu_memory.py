@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["minor_page_faults", "retain_freed_memory"]
+__all__ = ["apply_cpu_alloc", "minor_page_faults", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
@@ -50,6 +50,24 @@ def retain_freed_memory() -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_INT_MAX))) and bool(libc.mallopt(_M_MMAP_MAX, 0))
+
+
+def apply_cpu_alloc(mode: str, device_type: str) -> str | None:
+    """The ``--cpu-alloc`` / ``cpu_alloc`` setting of the commands: act on it for a CPU run.
+
+    Args:
+        mode: ``"retain"`` (call :func:`retain_freed_memory`) or ``"system"`` (leave malloc alone).
+        device_type: the run's device type; nothing is done off the CPU.
+
+    Returns:
+        What the run got, for the record: ``mode``, a note when ``retain`` was not available, or
+        None off the CPU.
+    """
+    if device_type != "cpu":
+        return None
+    if mode == "retain" and not retain_freed_memory():
+        return "system (retain not available: not glibc)"
+    return mode
 
 
 def minor_page_faults() -> int:

@@ -26,6 +26,7 @@ import copy
 import torch
 from torch import nn
 
+from .layers.bn_fold import bn_scale_shift
 from .models import AFFCifarPreActResNet, AFFCifarResNeXt, AFFResNet, FusionBasicBlock, FusionBottleneck, PreActBlock
 
 __all__ = ["FOLD_PAIRS", "fold_conv_bn", "fuse_for_inference"]
@@ -58,11 +59,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         bn: the BatchNorm, with running statistics.
     """
     w = conv.weight
-    scale = bn.weight.double() if bn.affine else torch.ones_like(bn.running_var, dtype=torch.float64)
-    scale = scale * torch.rsqrt(bn.running_var.double() + bn.eps)
-    shift = bn.bias.double() if bn.affine else torch.zeros_like(scale)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-    new_bias = (bias - bn.running_mean.double()) * scale + shift
+    scale, new_bias = bn_scale_shift(bn, conv.bias, torch.float64)
     # Keep the weight's memory format (channels_last stays channels_last).
     w.copy_(w.double() * scale.view(-1, *([1] * (w.dim() - 1))))
     if conv.bias is None:

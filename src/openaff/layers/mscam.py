@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bn_fold import bn_scale_shift
 from .fused_ops import attention_weight, is_recomputing
 
 __all__ = ["MSCAM", "ContextBatchNorm2d"]
@@ -68,14 +69,10 @@ def _context_branch(channels: int, inter: int, pool: bool) -> nn.Sequential:
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv`` followed by ``bn`` (evaluation) as one 1x1 convolution's ``(C_out x C_in, bias)``."""
-    w, b = conv.weight.flatten(1), conv.bias
+    w = conv.weight.flatten(1)
     if bn is None:
-        return w, b
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.weight is not None else \
-        torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale if b is None else (b - bn.running_mean) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
+        return w, conv.bias
+    scale, shift = bn_scale_shift(bn, conv.bias)
     return w * scale[:, None], shift
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu_memory import retain_freed_memory
+from ..cpu_memory import apply_cpu_alloc
 from . import distributed
 from .checkpoint import load_weights
 from .config import make_config, parse_kv
@@ -81,8 +81,7 @@ def evaluate(weights: str | Path, model: str | None = None, data: str = "fashion
     if threads:
         torch.set_num_threads(threads)
     dist = distributed.setup(device)
-    if dist.device.type == "cpu" and cpu_alloc == "retain":
-        retain_freed_memory()
+    apply_cpu_alloc(cpu_alloc, dist.device.type)
     try:
         bundle = build_data(cfg, dist, train=False)
         net = create_model(cfg, bundle.num_classes, bundle.in_chans)

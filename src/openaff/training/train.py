@@ -24,7 +24,7 @@ import torch
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
-from ..cpu_memory import retain_freed_memory
+from ..cpu_memory import apply_cpu_alloc
 from . import distributed
 from .checkpoint import atomic_write, save_weights
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
@@ -81,8 +81,7 @@ def _setup_runtime(cfg: TrainConfig) -> distributed.DistInfo:
     else:
         torch.backends.cudnn.benchmark = True
     dist = distributed.setup(cfg.device)
-    if dist.device.type == "cpu" and cfg.cpu_alloc == "retain":
-        retain_freed_memory()  # ~9 % faster CPU training steps (openaff.cpu_memory)
+    apply_cpu_alloc(cfg.cpu_alloc, dist.device.type)  # retain: ~9 % faster CPU training steps
     return dist
 
 
