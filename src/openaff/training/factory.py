@@ -41,9 +41,19 @@ class Criterion:
 
 
 def create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """The timm model of ``cfg`` for the data set's class and channel counts."""
+    """The timm model of ``cfg`` for the data set's class and channel counts.
+
+    ``num_classes`` and ``in_chans`` come from the data; ``model_kwargs`` may repeat them (a
+    converted file records both) but not contradict them.
+    """
+    kwargs = dict(cfg.model_kwargs)
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        given = kwargs.pop(key, value)
+        if given != value:
+            raise ConfigError(f"model_kwargs {key}={given!r} contradicts the data set, which has {key}={value}; "
+                              f"drop {key} from the model settings (it is taken from the data)")
     try:
-        return timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
+        return timm.create_model(cfg.model, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ConfigError(f"unknown model {cfg.model!r} (see `openaff models` or timm.list_models())") from None
