@@ -11,7 +11,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench models clean
+.PHONY: install demo test lint bench models clean dist
 
 install: $(STAMP) $(FMNIST)
 
@@ -43,3 +43,13 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+
+# The wheel and the sdist, each installed into a fresh venv (dependencies from the registry) and smoke-tested.
+DIST_VENV ?= /tmp/openaff-dist-venv
+dist: install
+	rm -rf dist && $(BIN)/python -m build --outdir dist .
+	rm -rf $(DIST_VENV) && $(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install -q dist/*.whl
+	cd /tmp && $(DIST_VENV)/bin/python $(CURDIR)/.ci/smoke.py
+	$(DIST_VENV)/bin/python -m pip install -q --force-reinstall --no-deps dist/*.tar.gz
+	cd /tmp && $(DIST_VENV)/bin/python $(CURDIR)/.ci/smoke.py
