@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import tarfile
 from dataclasses import asdict
 from pathlib import Path
@@ -9,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cifar_utils import Reduce, official_cifar10
 from _train_utils import write_cifar, write_fashion_mnist, write_image_folder
+from PIL import Image
 
 from openaff.training import make_config
 from openaff.training.data import build_data
 from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_data, load_fashion_mnist, read_idx
 from openaff.training.distributed import DistInfo
-from openaff.training.errors import CorruptImageError, DataError
+from openaff.training.errors import ConfigError, CorruptImageError, DataError
 from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler
 
 
@@ -125,3 +128,90 @@ def test_auto_augment_is_reproducible(tmp_path: Path) -> None:
     assert torch.equal(first[2], again[0]) and first[0].shape == (16, 1, 28, 28)
     assert not torch.equal(first[0], bundle.data.train.images[:16])
 
+
+
+# --- issue 10: one-class folders, class-name mismatch, negative limits, the CIFAR unpickler ------------------
+
+
+def test_image_folder_with_one_class_is_refused(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "one", classes=1, per_class=3)
+    with pytest.raises(DataError, match=r"only one class folder \(class_0\)") as err:
+        load_data(str(root), None)
+    assert "\n" not in str(err.value) and str(root) in str(err.value)
+    with pytest.raises(DataError, match="only one class"):  # evaluation on it would be as meaningless
+        load_data("imagefolder", str(root / "val"), train=False)
+
+
+def test_class_folder_mismatch_names_the_classes(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    for split, names in (("train", ("cat", "dog")), ("val", ("cat", "cow"))):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / split / name / "a.png")
+    with pytest.raises(DataError) as err:
+        load_data(str(root), None)
+    msg = str(err.value)
+    assert "dog" in msg and "cow" in msg and "2 vs 2" not in msg, msg
+
+
+def test_negative_limits_are_refused(tmp_path: Path) -> None:
+    ds = load_fashion_mnist(write_fashion_mnist(tmp_path / "fm", n_train=8, n_test=8), "test")
+    assert len(ds.subset(3)) == 3 and len(ds.subset(None)) == 8
+    folder = load_data(str(write_image_folder(tmp_path / "imgs", classes=2, per_class=2)), None).val
+    for subset in (ds.subset, folder.subset):
+        for bad in (-1, 0):
+            with pytest.raises(ConfigError, match=f"got {bad}"):
+                subset(bad)
+    assert len(folder.subset(3)) == 3
+
+
+def test_cifar_official_layout_loads(tmp_path: Path) -> None:
+    # Python 2 protocol-2 pickles (BINSTRING keys, numpy.core / numpy._core array globals), read as bytes.
+    for legacy in (True, False):
+        root = official_cifar10(tmp_path / str(legacy), n_test=5, n_train=3, legacy_names=legacy)
+        data = load_data(str(root), None)
+        assert (data.kind, len(data.train), len(data.val)) == ("cifar10", 15, 5)
+        raw = pickle.loads((root / "cifar-10-batches-py" / "test_batch").read_bytes(), encoding="bytes")  # noqa: S301
+        assert torch.equal(data.val.images, torch.from_numpy(raw[b"data"].reshape(-1, 3, 32, 32)))
+        assert data.val.labels.tolist() == raw[b"labels"]
+
+
+@pytest.mark.parametrize("archive", [False, True])
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec", "subprocess.call"])
+def test_cifar_malicious_pickle_is_refused(tmp_path: Path, archive: bool, payload: str) -> None:
+    import builtins
+    import os
+    import subprocess
+
+    marker = tmp_path / "pwned"
+    shell = f"touch {marker}"
+    evil = {"os.system": Reduce(os.system, shell), "subprocess.call": Reduce(subprocess.call, ["touch", str(marker)]),
+            "builtins.exec": Reduce(builtins.exec, f"open({str(marker)!r}, 'w').close()")}[payload]
+    root = official_cifar10(tmp_path / "c", n_test=2, n_train=1)
+    test_batch = root / "cifar-10-batches-py" / "test_batch"
+    test_batch.write_bytes(pickle.dumps({b"data": evil, b"labels": [0]}, protocol=2))
+    if archive:
+        with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        root = tmp_path / "cifar-10-python.tar.gz"
+    with pytest.raises(DataError) as err:
+        load_cifar(root, "cifar10", "test")
+    msg = str(err.value)
+    assert "\n" not in msg and "test_batch" in msg and "refused" in msg, msg
+    assert payload.split(".")[-1] in msg, msg  # names what the file tried to call
+    assert not marker.exists()
+
+
+def test_cifar_damaged_batches(tmp_path: Path) -> None:
+    root = official_cifar10(tmp_path, n_test=2, n_train=1)
+    test_batch = root / "cifar-10-batches-py" / "test_batch"
+    for blob, what in ((b"\x80\x02garbage", "cannot read"), (pickle.dumps([1, 2]), "not a CIFAR batch"),
+                       (pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}), "3072"),
+                       (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), "labels")):
+        test_batch.write_bytes(blob)
+        with pytest.raises(DataError, match=what):
+            load_cifar(root, "cifar10", "test")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:  # an archive without the test batch
+        tar.add(root / "cifar-10-batches-py" / "data_batch_1", arcname="cifar-10-batches-py/data_batch_1")
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar(tmp_path / "cifar-10-python.tar.gz", "cifar10", "test")

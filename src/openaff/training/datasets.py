@@ -9,6 +9,7 @@ small data sets are decoded once into one in-memory uint8 tensor, which both the
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import random
 import tarfile
@@ -23,10 +24,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from .errors import CorruptImageError, DataError
+from .errors import ConfigError, CorruptImageError, DataError
 
 __all__ = ["DATASET_STATS", "DATA_KINDS", "FASHION_MNIST_DIR", "ImageData", "InMemoryImages", "SafeImageFolder",
-           "detect_kind", "load_cifar", "load_data", "load_fashion_mnist", "read_idx"]
+           "check_limit", "detect_kind", "load_cifar", "load_data", "load_fashion_mnist", "read_idx"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_KINDS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
@@ -110,8 +111,31 @@ class InMemoryImages(Dataset):
         idx = torch.as_tensor(indices)
         return self.images[idx], self.labels[idx]
 
-    def subset(self, n: int | None) -> InMemoryImages:
+    def subset(self, n: int | None, what: str = "limit") -> InMemoryImages:
+        """The first ``n`` images (all with None).
+
+        Args:
+            n: how many images to keep.
+            what: the setting ``n`` came from, for the error message.
+        """
+        n = check_limit(n, what)
         return self if n is None else InMemoryImages(self.images[:n], self.labels[:n], self.transform)
+
+
+def check_limit(n: int | None, what: str = "limit") -> int | None:
+    """``n`` if it is None or a positive image count; otherwise one :class:`ConfigError`.
+
+    A negative ``n`` would otherwise act as a Python slice (all but the last images).
+
+    Args:
+        n: the number of images to keep.
+        what: the setting it came from (``limit``, ``limit_val``, ...).
+    """
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{what} must be a positive number of images, got {n!r}")
+    return n
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -183,20 +207,95 @@ def load_cifar(root: str | Path, kind: str, split: str, labels: str = "fine") ->
         tar_path = root / archive if root.is_dir() else root
         if not tar_path.is_file():
             raise DataError(f"no {kind} python batches ({', '.join(names)}) or {archive} in {root}")
-        with tarfile.open(tar_path) as tar:
-            for n in names:
-                member = tar.extractfile(f"{folder}/{n}")
-                batches.append(_unpickle(member.read(), f"{tar_path}:{n}"))
-    data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
-    targets = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
-    return InMemoryImages(torch.from_numpy(data), torch.from_numpy(targets))
+        try:
+            with tarfile.open(tar_path) as tar:
+                for n in names:
+                    try:
+                        member = tar.extractfile(f"{folder}/{n}")
+                    except KeyError:
+                        member = None
+                    if member is None:
+                        raise DataError(f"{tar_path} has no {folder}/{n} (is it the {kind} python archive?)")
+                    batches.append(_unpickle(member.read(), f"{tar_path}:{folder}/{n}"))
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"cannot read {kind} archive {tar_path}: {err}") from None
+    data, targets = [], []
+    for (where, batch) in batches:
+        images, labels = _check_batch(batch, key, where)
+        data.append(images)
+        targets.append(labels)
+    return InMemoryImages(torch.from_numpy(np.concatenate(data).reshape(-1, 3, 32, 32)),
+                          torch.from_numpy(np.concatenate(targets)))
 
 
-def _unpickle(blob: bytes, where: object) -> dict:
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 pickles bytes at protocol 2 as _codecs.encode(text, "latin1"); no other codec is let through.
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    # The only globals of the official pickles rebuild numpy arrays: _reconstruct(ndarray, shape, dtype).
+    # numpy 2 names its module numpy._core; batches re-saved by Python 3 may hold protocol-5 arrays
+    # (_frombuffer) or protocol-2 bytes (_codecs.encode). The functions come from numpy's own
+    # reductions, so that both spellings map to those of the installed numpy.
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                              ("_codecs", "encode"): _latin1_bytes}
+    for module in ("numpy.core", "numpy._core"):
+        allowed[(f"{module}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{module}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, strings, numbers and numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval``, a class) is refused before it is
+    imported or called, so a crafted batch file cannot run code.
+    """
+
+    allowed = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return found
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _unpickle(blob: bytes, where: object) -> tuple[object, object]:
     try:
-        return pickle.loads(blob, encoding="bytes")  # noqa: S301  (the official archive format)
+        return where, _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except _RefusedGlobal as err:
+        raise DataError(f"CIFAR batch {where} refused: it references the Python object {err}, which the CIFAR "
+                        "format does not contain (only arrays, lists and strings are loaded)") from None
     except Exception as err:  # noqa: BLE001  (any unpickling failure means a damaged file)
-        raise DataError(f"cannot read CIFAR batch {where}: {err}") from None
+        raise DataError(f"cannot read CIFAR batch {where}: {type(err).__name__}: {err}") from None
+
+
+def _check_batch(batch: object, key: bytes, where: object) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(batch, dict) or not isinstance(batch.get(b"data"), np.ndarray) or key not in batch:
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{where} is not a CIFAR batch: expected a dict with b'data' (an array) and "
+                        f"{key!r}, found {keys}")
+    images = batch[b"data"]
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        raise DataError(f"CIFAR batch {where}: data must be N x 3072 uint8 (3 x 32 x 32 images), "
+                        f"found {images.shape} {images.dtype}")
+    try:
+        labels = np.asarray(batch[key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise DataError(f"CIFAR batch {where}: {key!r} is not a list of class numbers: {err}") from None
+    if labels.shape != (len(images),):
+        raise DataError(f"CIFAR batch {where}: {len(images)} images but {labels.size} labels in {key!r}")
+    return images, labels
 
 
 class SafeImageFolder(ImageFolder):
@@ -230,13 +329,39 @@ class SafeImageFolder(ImageFolder):
         img = t(img, index) if isinstance(t, SeededTransform) else t(img)
         return img, target
 
-    def subset(self, n: int | None) -> SafeImageFolder:
+    def subset(self, n: int | None, what: str = "limit") -> SafeImageFolder:
+        """A seeded random subset of ``n`` images (all with None), in file order.
+
+        Args:
+            n: how many images to keep.
+            what: the setting ``n`` came from, for the error message.
+        """
+        n = check_limit(n, what)
         if n is not None:
             # A seeded random subset: the first N files of an image folder are all of class 0.
             order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0))[:n].sort().values
             self.samples = [self.samples[i] for i in order.tolist()]
             self.targets = [s[1] for s in self.samples]
         return self
+
+
+def _check_classes(folder: SafeImageFolder, root: Path) -> SafeImageFolder:
+    # One class makes every prediction right: "100 %" that means nothing.
+    if len(folder.classes) < 2:
+        raise DataError(f"image folder {root} has only one class folder ({folder.classes[0]}): a classifier needs "
+                        "at least two (one sub-folder of images per class)")
+    return folder
+
+
+def _class_diff(train: SafeImageFolder, val: SafeImageFolder, show: int = 5) -> str:
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:show]) + (f" and {len(items) - show} more" if len(items) > show else "")
+
+    only_train = [c for c in train.classes if c not in set(val.classes)]
+    only_val = [c for c in val.classes if c not in set(train.classes)]
+    parts = [f"only in train/: {names(only_train)}" if only_train else "",
+             f"only in val/: {names(only_val)}" if only_val else ""]
+    return "; ".join(p for p in parts if p) or "the same names in a different order"
 
 
 def detect_kind(path: Path) -> str:
@@ -296,11 +421,11 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
         val_root = root / "val" if (root / "val").is_dir() else root
         if train and not (root / "train").is_dir():
             raise DataError(f"image folder {root} has no train/ folder (expected train/ and val/ of class folders)")
-        val = SafeImageFolder(val_root, eval_transform, skip_corrupt)
-        tr = SafeImageFolder(root / "train", train_transform, skip_corrupt) if train else None
+        val = _check_classes(SafeImageFolder(val_root, eval_transform, skip_corrupt), val_root)
+        tr = _check_classes(SafeImageFolder(root / "train", train_transform, skip_corrupt), root / "train") \
+            if train else None
         if tr is not None and tr.classes != val.classes:
-            raise DataError(f"train/ and val/ in {root} have different class folders "
-                            f"({len(tr.classes)} vs {len(val.classes)})")
+            raise DataError(f"train/ and val/ in {root} have different class folders: {_class_diff(tr, val)}")
         return ImageData(kind, tr, val, len(val.classes), 3, img_size or 224, mean, std, False, val.classes)
     if kind == "fashion-mnist":
         val, tr = load_fashion_mnist(root, "test"), load_fashion_mnist(root, "train") if train else None
