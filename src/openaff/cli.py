@@ -13,6 +13,7 @@ COMMANDS = {
     "train": "openaff.training.train",
     "eval": "openaff.training.evaluate",
     "bench": "openaff.bench",
+    "export": "openaff.export",
 }
 
 

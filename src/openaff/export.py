@@ -14,8 +14,9 @@ renamed to ``OUT``; otherwise the command fails and writes nothing.
 
 Formats:
 
-* ``onnx``: ``torch.export`` then the dynamo ONNX exporter (opset >= 17, default the exporter's
-  own), run with onnxruntime (``pip install open-aff[onnx]``);
+* ``onnx``: ``torch.export`` then the dynamo ONNX exporter (opset 18 or newer, default the
+  exporter's own), or for ``--opset 17`` the legacy ``torch.jit.trace``-based exporter (which records
+  the fusions' plain formulas); run with onnxruntime (``pip install open-aff[onnx]``);
 * ``pt2``: ``torch.export.export`` + ``torch.export.save``, run from ``torch.export.load``;
 * ``torchscript``: ``torch.jit.script``, or ``torch.jit.trace`` where scripting fails (traced at
   the export input size), run from ``torch.jit.load``.
@@ -48,12 +49,15 @@ import timm
 import torch
 from torch import nn
 
-from .training.errors import CheckpointError, ConfigError, OpenAFFError, one_line, run_command
+from .training.errors import ConfigError, OpenAFFError, one_line, run_command
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "add_parser", "export_model", "real_images", "summary"]
 
 FORMATS = ("onnx", "pt2", "torchscript")
 MIN_OPSET = 17
+# torch's dynamo exporter translates to opset 18+ and cannot convert our graphs down to 17.
+_DYNAMO_MIN_OPSET = 18
+_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 REAL_IMAGES = ("astronaut", "chelsea", "coffee")
 _ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # skimage.color.rgb2gray's luma weights (ITU-R BT.709).
@@ -75,7 +79,7 @@ class ExportResult:
     input_size: tuple[int, int, int]
     batch: int
     folded_batchnorms: int
-    method: str  # onnx: "dynamo"; pt2: "torch.export"; torchscript: "script" or "trace"
+    method: str  # onnx: "dynamo" or "legacy"; pt2: "torch.export"; torchscript: "script" or "trace"
     opset: int | None
     export_s: float
     check_s: float
@@ -116,38 +120,39 @@ def _parse_local_dir(source: str) -> str | None:
     return source[len("local-dir:"):] if source.startswith("local-dir:") else None
 
 
+def _data_config(net: nn.Module, info: dict, model_kwargs: dict) -> dict:
+    """Input size, mean and std: those the weights record, else the model's pretrained_cfg."""
+    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    input_size = info.get("input_size") or tuple(cfg.get("input_size") or (3, 224, 224))
+    if "in_chans" in model_kwargs:
+        input_size = (int(model_kwargs["in_chans"]), *input_size[1:])
+    return {"input_size": tuple(input_size), "mean": tuple(info.get("mean") or cfg.get("mean") or (0.0,)),
+            "std": tuple(info.get("std") or cfg.get("std") or (1.0,))}
+
+
+def _unknown_model(name: str) -> ConfigError:
+    return ConfigError(f"unknown model {name!r} (`openaff models` lists ours; any timm name works)")
+
+
 def _load(model: str, weights: str | None, model_kwargs: dict) -> tuple[nn.Module, str, dict, dict]:
     """The model in eval mode, its name, its create_model kwargs and its data config."""
-    if _parse_local_dir(model) is not None or Path(model).is_dir():
+    if model.startswith("local-dir:") or Path(model).exists():
         if weights is not None:
-            raise ConfigError(f"MODEL {model!r} is a weights folder already; drop --weights or name a model")
+            raise ConfigError(f"MODEL {model} is a weight source already; drop --weights or give a model name")
         weights, model = model, None
+    elif not timm.is_model(model):
+        raise _unknown_model(model)
     if weights is None:
-        if not timm.is_model(model):
-            raise ConfigError(f"unknown model {model!r} (`openaff models` lists ours; any timm name works)")
         try:
             net = timm.create_model(model, **model_kwargs)
         except (TypeError, ValueError, RuntimeError, AssertionError) as err:
             raise ConfigError(f"model {model} with model_kwargs {model_kwargs}: {one_line(err)}") from None
-        cfg = net.pretrained_cfg
-        input_size = tuple(cfg["input_size"])
-        if "in_chans" in model_kwargs:
-            input_size = (int(model_kwargs["in_chans"]), *input_size[1:])
-        data = {"input_size": input_size, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
-        return net.eval(), model, dict(model_kwargs), data
-    if model is not None and not timm.is_model(model):
-        raise ConfigError(f"unknown model {model!r} (`openaff models` lists ours; any timm name works)")
-    try:
-        from .hub import load_pretrained
-    except ImportError as err:  # pragma: no cover - hub.py ships with the package
-        raise ExportError(f"--weights needs openaff.hub: {_first_line(err)}") from None
+        return net.eval(), model, dict(model_kwargs), _data_config(net, {}, model_kwargs)
+    from .hub import load_pretrained
+
     net, info = load_pretrained(weights, model=model, model_kwargs=model_kwargs or None)
-    name = info.get("architecture") or model
-    if model is not None and name != model:
-        raise CheckpointError(f"{weights} holds weights for {name}, not {model}")
     kwargs = dict(info.get("model_args") or model_kwargs)
-    data = {"input_size": tuple(info["input_size"]), "mean": tuple(info["mean"]), "std": tuple(info["std"])}
-    return net.eval(), name, kwargs, data
+    return net.eval(), info.get("architecture") or model, kwargs, _data_config(net, info, {})
 
 
 def _per_channel(values: tuple[float, ...], channels: int, what: str) -> torch.Tensor:
@@ -202,17 +207,26 @@ def _torch_export(model: nn.Module, example: torch.Tensor) -> torch.export.Expor
         return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
 
-def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, meta: dict) -> int:
-    ep = _torch_export(model, example)
-    program = torch.onnx.export(ep, (example,), dynamo=True, opset_version=opset, input_names=["input"],
-                                output_names=["logits"], verbose=False)
-    for key, value in meta.items():
-        program.model.metadata_props[f"openaff.{key}"] = json.dumps(value)
-    program.save(path, external_data=False)
+def _save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int | None, meta: dict,
+               exporter: str) -> int:
     import onnx
 
-    return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("",
-                                                                                                      "ai.onnx"))
+    if exporter == "dynamo":
+        program = torch.onnx.export(_torch_export(model, example), (example,), dynamo=True, opset_version=opset,
+                                    input_names=["input"], output_names=["logits"], verbose=False)
+        program.save(path, external_data=False)
+    else:
+        # torch.jit.trace underneath: the fusions record their plain formulas (openaff.layers.tracing).
+        with torch.no_grad():
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset or MIN_OPSET,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load(str(path))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"openaff.{key}", json.dumps(value)
+    onnx.save(proto, str(path))
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _save_pt2(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
@@ -280,7 +294,8 @@ def _check_out(out: Path) -> None:
 def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx", weights: str | None = None,
                  model_kwargs: dict | None = None, fold_bn: bool = False,
                  input_size: tuple[int, int, int] | None = None, batch: int = 2, opset: int | None = None,
-                 atol: float = 1e-4, torchscript_method: str = "auto", seed: int = 0) -> ExportResult:
+                 atol: float = 1e-4, onnx_exporter: str = "auto", torchscript_method: str = "auto",
+                 seed: int = 0) -> ExportResult:
     """Export ``model`` to ``out`` and check it against eager PyTorch; the Python API of ``openaff export``.
 
     Args:
@@ -295,6 +310,8 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         batch: batch size of the example the model is exported with (>= 2: torch.export fixes a
             dimension of size 1); the batch dimension of the file stays dynamic.
         opset: ONNX opset (>= 17; default: the exporter's).
+        onnx_exporter: ``dynamo`` (torch.export based, opset >= 18), ``legacy`` (torch.jit.trace based)
+            or ``auto``: dynamo, legacy for opset 17.
         atol: largest max-absolute difference to eager PyTorch (float32) accepted.
         torchscript_method: ``auto`` (script, trace where scripting fails), ``script`` or ``trace``.
         seed: seed of the random check inputs.
@@ -309,6 +326,13 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if onnx_exporter not in ("auto", "dynamo", "legacy"):
+        raise ConfigError(f"unknown ONNX exporter {onnx_exporter!r}; choose auto, dynamo or legacy")
+    if onnx_exporter == "auto":
+        onnx_exporter = "legacy" if opset is not None and opset < _DYNAMO_MIN_OPSET else "dynamo"
+    if format == "onnx" and onnx_exporter == "dynamo" and opset is not None and opset < _DYNAMO_MIN_OPSET:
+        raise ConfigError(f"--opset {opset}: the dynamo exporter writes opset {_DYNAMO_MIN_OPSET} or newer; "
+                          "use --onnx-exporter legacy (auto picks it)")
     if torchscript_method not in ("auto", "script", "trace"):
         raise ConfigError(f"unknown torchscript method {torchscript_method!r}; choose auto, script or trace")
     if batch < 2:
@@ -331,9 +355,8 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         if weights is not None:
             raise ConfigError("weights are for a model given by name; load them into the module instead")
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        net, name, kwargs = model.eval(), type(model).__name__, model_kwargs
-        data = {"input_size": tuple(cfg.get("input_size", (3, 224, 224))),
-                "mean": tuple(cfg.get("mean", (0.0,))), "std": tuple(cfg.get("std", (1.0,)))}
+        net, name, kwargs = model.eval(), cfg.get("architecture") or type(model).__name__, model_kwargs
+        data = _data_config(net, {}, {})
     else:
         net, name, kwargs, data = _load(model, weights, model_kwargs)
     size = tuple(int(v) for v in (input_size or data["input_size"]))
@@ -361,16 +384,19 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     meta = {"model": name, "model_kwargs": kwargs, "input_size": list(size), "mean": list(data["mean"]),
             "std": list(data["std"]), "folded_batchnorms": folded}
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    # torch.export.load wants a name ending in .pt2.
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{_SUFFIX[format]}")
     os.close(fd)
     tmp = Path(tmp_name)
-    method, reason, opset_used = {"onnx": "dynamo", "pt2": "torch.export"}.get(format, torchscript_method), None, None
+    method = {"onnx": onnx_exporter, "pt2": "torch.export", "torchscript": torchscript_method}[format]
+    reason, opset_used = None, None
     try:
         t0 = time.perf_counter()
         try:
             with _quiet():
                 if format == "onnx":
-                    opset_used = _save_onnx(exported, inputs[f"random batch {batch}"], tmp, opset, meta)
+                    opset_used = _save_onnx(exported, inputs[f"random batch {batch}"], tmp, opset, meta,
+                                            method)
                 elif format == "pt2":
                     _save_pt2(exported, inputs[f"random batch {batch}"], tmp, meta)
                 else:
@@ -403,7 +429,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
 
 def summary(res: ExportResult) -> str:
     """The lines ``openaff export`` prints for ``res``."""
-    what = {"onnx": f"ONNX opset {res.opset}", "pt2": "torch.export .pt2",
+    what = {"onnx": f"ONNX opset {res.opset} ({res.method} exporter)", "pt2": "torch.export .pt2",
             "torchscript": f"TorchScript ({res.method})"}[res.format]
     folded = f", {res.folded_batchnorms} BatchNorms folded" if res.folded_batchnorms else ""
     lines = [f"wrote {res.path}: {res.model} as {what}, input {'x'.join(map(str, res.input_size))} with a dynamic "
@@ -433,6 +459,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                         "batch dimension is dynamic)")
     p.add_argument("--opset", type=int, help=f"ONNX opset (>= {MIN_OPSET}; default: the exporter's)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to eager PyTorch accepted")
+    p.add_argument("--onnx-exporter", default="auto",
+                   help="auto (dynamo; legacy for --opset 17) | dynamo (torch.export based) | legacy (jit.trace based)")
     p.add_argument("--torchscript-method", default="auto", help="auto (script, trace if that fails) | script | trace")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model keywords, e.g. width_mult=0.25 in_chans=1 num_classes=10")
@@ -450,7 +478,8 @@ def _run(args: argparse.Namespace) -> int:
     res = export_model(args.model, args.output, format=args.format, weights=args.weights,
                        model_kwargs=model_kwargs, fold_bn=args.fold_bn,
                        input_size=tuple(args.input_size) if args.input_size else None, batch=args.batch,
-                       opset=args.opset, atol=args.atol, torchscript_method=args.torchscript_method)
+                       opset=args.opset, atol=args.atol, onnx_exporter=args.onnx_exporter,
+                       torchscript_method=args.torchscript_method)
     print(summary(res), flush=True)
     if args.json:
         doc: dict[str, Any] = {**asdict(res), "max_abs_error": res.max_abs_error}
