@@ -104,30 +104,39 @@ class DataBundle:
                            seed=self.sampler.seed * 1_000_003 + epoch)
 
 
-def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True) -> DataBundle:
+def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple[float, ...] | None = None,
+               std: tuple[float, ...] | None = None) -> DataBundle:
     """Load the data set of ``cfg`` and build its loaders for this process.
 
     Args:
         cfg: the run's configuration (data, augmentation, batch size, workers).
         dist: rank, world size and device.
         train: also build the training side (evaluation needs only the validation split).
+        mean: per-channel normalisation mean (default: the data set's); evaluation passes the one
+            the weights were trained with.
+        std: per-channel normalisation std (default: the data set's).
     """
     kind, _ = resolve_source(cfg.data, cfg.data_dir)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
     img_size = cfg.img_size or (224 if kind == "imagefolder" else None)
-    mean, std = DATASET_STATS[kind]
+    mean = tuple(mean) if mean is not None else DATASET_STATS[kind][0]
+    std = tuple(std) if std is not None else DATASET_STATS[kind][1]
     train_tf, eval_tf = build_transforms(cfg, kind, img_size or 32, mean, std)
     data = load_data(cfg.data, cfg.data_dir, train=train, cifar100_labels=cfg.cifar100_labels, img_size=cfg.img_size,
                      train_transform=SeededTransform(train_tf, cfg.seed) if train_tf else None,
                      eval_transform=eval_tf, skip_corrupt=cfg.skip_corrupt)
-    data.val = data.val.subset(cfg.limit_val)
+    if len(mean) != data.in_chans or len(std) != data.in_chans:
+        raise DataError(f"normalisation mean {mean} / std {std} has {len(mean)}/{len(std)} values but the images of "
+                        f"{cfg.data_dir or cfg.data} have {data.in_chans} channel(s)")
+    data.mean, data.std = mean, std
+    data.val = data.val.subset(cfg.limit_val, "limit_val")
     if len(data.val) == 0:
         raise DataError(f"the validation split of {cfg.data_dir or cfg.data} holds no images")
     per_rank = cfg.batch_size // dist.world_size
     sampler = None
     if train:
-        data.train = data.train.subset(cfg.limit_train)
+        data.train = data.train.subset(cfg.limit_train, "limit_train")
         if len(data.train) < cfg.batch_size:
             raise DataError(f"the training split holds {len(data.train)} images, fewer than one batch "
                             f"({cfg.batch_size}); lower --batch-size")

@@ -2,33 +2,138 @@
 
 Examples::
 
-    openaff eval --weights runs/demo/best.safetensors                  # model and data from the file
+    openaff eval --weights runs/demo                                   # model and data from the run
+    openaff eval --weights runs/demo/best.safetensors --data-dir ~/fmnist
     openaff eval --model aff_resnet50 --weights aff_resnet50.safetensors --data ~/imagenet --json r.json
     openaff eval --model aff_cifar_resnet20 --weights ckpt.pth --data cifar100 --data-dir ~/cifar \\
         --model-kwargs in_chans=3
 
-The weights may be safetensors (ours carry the model name and settings), a ``.pt``/``.pth`` state
-dict, or a checkpoint holding one under ``state_dict``, ``model`` or ``state_dict_ema`` (timm).
+The weights may be a training run's folder, a model folder in timm's hub layout (``config.json``
+and ``model.safetensors``), our safetensors files (training and ``openaff convert`` record the
+model and its settings), a ``.pt``/``.pth`` state dict, or a checkpoint holding one under
+``state_dict``, ``model`` or ``state_dict_ema`` (timm, our ``last.pt``).
+
+What the weights record is used unless a flag says otherwise: the model and its settings, the
+data set (``--data``), the input size (``--img-size``), the normalisation mean/std and the
+centre-crop fraction. The command prints what it evaluates with and where each setting came
+from; a flag that contradicts the weights gets a one-line note, and a data set that cannot fit
+them (other class or channel counts) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import timm
 import torch
 
 from ..cpu_memory import apply_cpu_alloc
 from . import distributed
-from .checkpoint import load_weights
+from .checkpoint import atomic_write, load_weights
 from .config import make_config, parse_kv
 from .data import build_data
+from .datasets import DATA_KINDS, DATASET_STATS, check_limit, resolve_source
 from .engine import evaluate as evaluate_loop
 from .errors import CheckpointError, ConfigError, DataError, run_command
 from .factory import create_model
 
 __all__ = ["add_parser", "evaluate"]
+
+# Native image size and channels of the in-memory data sets (image folders: any size, RGB).
+_NATIVE = {"fashion-mnist": (28, 1), "cifar10": (32, 3), "cifar100": (32, 3)}
+_WEIGHT_FILES = ("model.safetensors", "best.safetensors")  # hub layout first, then a run folder's
+
+
+@dataclass
+class _Recorded:
+    """What a weight source says about itself (None: not recorded)."""
+
+    source: Path
+    model: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    num_classes: int | None = None
+    in_chans: int | None = None
+    img_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
+    data: str | None = None
+    data_dir: str | None = None
+    label_names: list[str] | None = None
+
+    @classmethod
+    def from_metadata(cls, source: Path, meta: dict[str, Any]) -> _Recorded:
+        kwargs = dict(meta.get("model_kwargs") or {}) if isinstance(meta.get("model_kwargs"), dict) else {}
+        rec = cls(source, model=meta.get("model") if isinstance(meta.get("model"), str) else None)
+        rec.num_classes = _int(kwargs.pop("num_classes", None)) or _int(meta.get("num_classes"))
+        rec.in_chans = _int(kwargs.pop("in_chans", None)) or _int(meta.get("in_chans"))
+        rec.model_kwargs = kwargs
+        size = meta.get("img_size")
+        if size is None and isinstance(meta.get("input_size"), (list, tuple)) and meta["input_size"]:
+            size = meta["input_size"][-1]
+            rec.in_chans = rec.in_chans or _int(meta["input_size"][0])
+        rec.img_size = _int(size[-1] if isinstance(size, (list, tuple)) and size else size)
+        rec.mean, rec.std = _floats(meta.get("mean")), _floats(meta.get("std"))
+        crop = meta.get("crop_pct")
+        rec.crop_pct = float(crop) if isinstance(crop, (int, float)) and not isinstance(crop, bool) else None
+        rec.data = meta.get("data") if isinstance(meta.get("data"), str) else None
+        rec.data_dir = meta.get("data_dir") if isinstance(meta.get("data_dir"), str) else None
+        labels = meta.get("label_names")
+        rec.label_names = [str(n) for n in labels] if isinstance(labels, list) else None
+        return rec
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
+        return tuple(float(v) for v in value)
+    return None
+
+
+def _load_source(weights: str | Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], _Recorded]:
+    """The state dict and the record of a weight file, a run folder or a hub-layout model folder."""
+    text = str(weights)
+    path = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text)
+    if not path.exists():
+        raise CheckpointError(f"weight file {path} does not exist")
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hub_dir(path, use_ema)
+    if path.is_dir():
+        found = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path} is a directory, not a weight file: expected a model folder with "
+                                  f"config.json, a training run folder ({' or '.join(_WEIGHT_FILES)}), or a file")
+        path = found
+    sd, meta = load_weights(path, use_ema=use_ema)
+    return sd, _Recorded.from_metadata(path, meta)
+
+
+def _load_hub_dir(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], _Recorded]:
+    try:
+        from ..hub import load_pretrained
+    except ImportError:
+        raise CheckpointError(f"{path} is a model folder (config.json) and this openaff cannot read those; pass "
+                              f"the weight file in it instead") from None
+    net, info = load_pretrained(path, use_ema=use_ema)
+    meta = {**(info.get("metadata") or {}), "model": info["architecture"], "model_kwargs": info["model_args"]}
+    for key in ("input_size", "mean", "std", "label_names"):
+        if info.get(key):
+            meta[key] = list(info[key])
+    crop = (getattr(net, "pretrained_cfg", None) or {}).get("crop_pct")
+    if crop is not None:
+        meta.setdefault("crop_pct", crop)
+    return net.state_dict(), _Recorded.from_metadata(path, meta)
 
 
 def _classifier_shape(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> tuple[str, int] | None:
@@ -37,28 +142,68 @@ def _classifier_shape(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> tu
     return (f"{name}.weight", weight.shape[0]) if weight is not None else None
 
 
-def evaluate(weights: str | Path, model: str | None = None, data: str = "fashion-mnist", data_dir: str | None = None,
+def _choose_data(data: str | None, data_dir: str | None, rec: _Recorded) -> tuple[str, str | None, str]:
+    """``(data, data_dir, where from)``: the flags, else what the weights record, else Fashion-MNIST."""
+    if data is not None:
+        return data, data_dir, "given"
+    if data_dir is not None:
+        # A folder alone: its kind is what the folder holds, or the recorded kind where it cannot tell.
+        try:
+            kind, _ = resolve_source(data_dir, None)
+            return kind, data_dir, "given"
+        except DataError:
+            if rec.data in DATA_KINDS:
+                return rec.data, data_dir, "given; kind from the weights"
+            raise
+    if rec.data is not None:
+        rec_dir = rec.data_dir if rec.data in DATA_KINDS else None
+        return rec.data, rec_dir, "from the weights"
+    return "fashion-mnist", None, "the default; the weights do not record a data set"
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse an output file that cannot be written, before the evaluation spends any time."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--json {path} is a directory; give a file name, e.g. {p / 'eval.json'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write --json {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"cannot write --json {path}: permission denied")
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def evaluate(weights: str | Path, model: str | None = None, data: str | None = None, data_dir: str | None = None,
              *, model_kwargs: dict | None = None, use_ema: bool = False, batch_size: int = 256,
              workers: int | None = None, device: str = "auto", amp: str = "none", channels_last: bool = False,
-             img_size: int | None = None, crop_pct: float = 0.875, cifar100_labels: str = "fine",
+             img_size: int | None = None, crop_pct: float | None = None, cifar100_labels: str = "fine",
              limit: int | None = None, skip_corrupt: bool = False, threads: int | None = None,
-             cpu_alloc: str = "retain", progress: bool = True) -> dict:
-    """Evaluate ``weights`` on the validation/test split of ``data``; the Python API of ``openaff eval``.
+             cpu_alloc: str = "retain", progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate ``weights`` on the validation/test split of a data set; the Python API of ``openaff eval``.
+
+    Settings left at None come from what the weights record (see the module docstring).
 
     Args:
-        weights: safetensors file or PyTorch/timm checkpoint.
-        model: timm model name (default: the one recorded in our safetensors files).
-        data: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder`` or a data directory.
+        weights: weight file, training run folder, or model folder with ``config.json``.
+        model: timm model name (default: the one the weights record).
+        data: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder`` or a data directory
+            (default: the recorded data set, else the kind of ``data_dir``, else Fashion-MNIST).
         data_dir: the directory when ``data`` is a kind.
-        model_kwargs: extra ``timm.create_model`` keywords (default: those recorded in the file).
+        model_kwargs: extra ``timm.create_model`` keywords (added to the recorded ones).
         use_ema: prefer EMA weights of a checkpoint holding both.
         batch_size: images per step.
         workers: data loader worker processes (default: 0 for in-memory data, up to 8 for folders).
         device: ``auto``, ``cpu`` or ``cuda``.
         amp: ``none``, ``bf16`` or ``fp16``.
         channels_last: NHWC memory layout.
-        img_size: input size for image folders (default 224).
-        crop_pct: centre-crop fraction for image folders.
+        img_size: input size for image folders (default: the recorded one, else the model's).
+        crop_pct: centre-crop fraction for image folders (default: the recorded one, else 0.875).
         cifar100_labels: ``fine`` or ``coarse``.
         limit: evaluate only the first N images.
         skip_corrupt: skip and count unreadable images.
@@ -66,54 +211,138 @@ def evaluate(weights: str | Path, model: str | None = None, data: str = "fashion
         cpu_alloc: on the CPU, ``"retain"`` keeps freed memory in the process so that batches do not
             page-fault (:mod:`openaff.cpu_memory`, process-wide); ``"system"`` leaves malloc alone.
         progress: show a progress bar.
+        log: called with the line that says what is evaluated with, and with each note (a flag that
+            contradicts the weights); without it the notes are issued as warnings.
 
     Returns:
-        ``top1``, ``top5`` (%), ``loss``, ``images``, ``skipped``, ``model`` and ``weights``.
+        ``top1``, ``top5`` (%), ``loss``, ``images``, ``skipped``, ``model``, ``weights``, ``data``,
+        ``data_dir``, ``img_size``, ``mean``, ``std`` and ``notes``.
     """
-    sd, meta = load_weights(weights, use_ema=use_ema)
-    model = model or meta.get("model")
-    if not model:
+    check_limit(limit, "limit")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive number, got {threads!r}")
+    sd, rec = _load_source(weights, use_ema)
+    notes: list[str] = []
+    name = model or rec.model
+    if not name:
         raise ConfigError(f"{weights} does not say which model it holds; pass --model NAME")
-    kwargs = {**(meta.get("model_kwargs") or {}), **(model_kwargs or {})}
-    cfg = make_config(model=model, model_kwargs=kwargs, data=data, data_dir=data_dir, batch_size=batch_size,
-                      workers=workers, device=device, amp=amp, channels_last=channels_last, img_size=img_size,
-                      crop_pct=crop_pct, cifar100_labels=cifar100_labels, limit_val=limit, skip_corrupt=skip_corrupt)
+    if model and rec.model and model != rec.model:
+        notes.append(f"the weights record the model {rec.model}; building {model} as asked")
+    given_kwargs = dict(model_kwargs or {})
+    for key, value in given_kwargs.items():
+        if key in rec.model_kwargs and rec.model_kwargs[key] != value:
+            notes.append(f"the weights record {key}={rec.model_kwargs[key]!r}; using {key}={value!r} as asked")
+    kwargs = {**rec.model_kwargs, **given_kwargs}
+
+    data, data_dir, data_how = _choose_data(data, data_dir, rec)
+    try:
+        kind, root = resolve_source(data, data_dir)
+    except DataError as err:
+        if data_how == "from the weights":
+            raise DataError(f"the weights were trained on {data} (recorded in {rec.source}), which is not here: "
+                            f"pass --data/--data-dir ({err})") from None
+        raise
+    if data_how == "given" and rec.data and rec.data in DATA_KINDS and rec.data != kind:
+        notes.append(f"the weights were trained on {rec.data}; evaluating on {kind} as asked")
+    native, chans = _NATIVE.get(kind, (None, 3))
+    if rec.in_chans is not None and rec.in_chans != chans:
+        why = "the weights do not record their data set" if data_how.startswith("the default") else ""
+        raise DataError(f"the weights in {rec.source} take {rec.in_chans}-channel images but {kind} ({root}) has "
+                        f"{chans}-channel images" + (f" ({kind} is the default: {why})" if why else "")
+                        + "; pass the --data they were trained on")
+
+    # Input size: for image folders the transform makes it; in-memory images have their own.
+    size_how = "given"
+    if kind == "imagefolder":
+        if img_size is None:
+            if rec.img_size:
+                img_size, size_how = rec.img_size, "from the weights"
+            else:
+                default = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+                img_size = int((getattr(default, "input_size", None) or (3, 224, 224))[-1])
+                size_how = "the model's default; the weights do not record one"
+        elif rec.img_size and img_size != rec.img_size:
+            notes.append(f"evaluating at {img_size} px as asked; the weights were trained at {rec.img_size} px")
+        eval_size = img_size
+    else:
+        eval_size, size_how = native, "the data set's"
+        if img_size is None and rec.img_size and rec.img_size != native:
+            notes.append(f"the weights were trained at {rec.img_size} px; {kind} images are {native} px "
+                         "and are evaluated at that size")
+    if crop_pct is None:
+        crop_pct = rec.crop_pct if rec.crop_pct is not None else 0.875
+    elif kind == "imagefolder" and rec.crop_pct is not None and crop_pct != rec.crop_pct:
+        notes.append(f"centre crop {crop_pct} as asked; the weights record crop_pct {rec.crop_pct}")
+    if rec.mean is not None and rec.std is not None:
+        mean, std, norm_how = rec.mean, rec.std, "from the weights"
+    else:
+        (mean, std), norm_how = DATASET_STATS[kind], "the data set's; the weights do not record theirs"
+    if len(mean) != chans or len(std) != chans:
+        raise DataError(f"the weights in {rec.source} record a normalisation for {len(mean)}-channel images, "
+                        f"but {kind} has {chans}-channel images")
+
+    cfg = make_config(model=name, model_kwargs=kwargs, data=data, data_dir=data_dir, batch_size=batch_size,
+                      workers=workers, device=device, amp=amp, channels_last=channels_last,
+                      img_size=img_size, crop_pct=crop_pct, cifar100_labels=cifar100_labels, limit_val=limit,
+                      skip_corrupt=skip_corrupt)
     if threads:
         torch.set_num_threads(threads)
     dist = distributed.setup(device)
     apply_cpu_alloc(cpu_alloc, dist.device.type)
     try:
-        bundle = build_data(cfg, dist, train=False)
+        bundle = build_data(cfg, dist, train=False, mean=mean, std=std)
+        where = f"{kind} ({root})"
+        hint = " (CIFAR-100: try --cifar100-labels coarse/fine)" if kind == "cifar100" else ""
+        if rec.num_classes is not None and rec.num_classes != bundle.num_classes:
+            raise DataError(f"the weights in {rec.source} classify {rec.num_classes} classes but the data set "
+                            f"{where} has {bundle.num_classes}{hint}")
         net = create_model(cfg, bundle.num_classes, bundle.in_chans)
         head = _classifier_shape(net, sd)
         if head is not None and head[1] != bundle.num_classes:
-            raise DataError(f"the weights in {weights} classify {head[1]} classes ({head[0]}) but the data set "
-                            f"{cfg.data_dir or cfg.data} has {bundle.num_classes}"
-                            + (" (CIFAR-100: try --cifar100-labels coarse/fine)" if bundle.kind == "cifar100" else ""))
+            raise DataError(f"the weights in {rec.source} classify {head[1]} classes ({head[0]}) but the data set "
+                            f"{where} has {bundle.num_classes}{hint}")
+        classes = bundle.data.classes
+        if rec.label_names and classes and len(classes) == len(rec.label_names) and classes != rec.label_names:
+            first = next(i for i, (a, b) in enumerate(zip(classes, rec.label_names, strict=True)) if a != b)
+            notes.append(f"the class folders are not the classes the weights record (class {first}: folder "
+                         f"{classes[first]!r}, recorded {rec.label_names[first]!r}); labels follow folder order")
         try:
             net.load_state_dict(sd)
         except RuntimeError as err:
             detail = " ".join(str(err).split())
-            raise CheckpointError(f"the weights in {weights} do not fit {model} {kwargs or ''}: {detail[:300]}") \
+            raise CheckpointError(f"the weights in {rec.source} do not fit {name} {kwargs or ''}: {detail[:300]}") \
                 from None
         net.to(dist.device)
         if channels_last:
             net.to(memory_format=torch.channels_last)
+        settings = f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else ""
+        uses = (f"evaluating {name}{settings} from {rec.source}: data {kind} at {root} ({data_how}), "
+                f"{eval_size}x{eval_size} px ({size_how}), mean {_fmt(mean)}, std {_fmt(std)} ({norm_how})")
+        if log is not None:
+            log(uses)
+            for note in notes:
+                log(f"note: {note}")
+        else:
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
         res = evaluate_loop(net, bundle.val_loader, bundle.eval_pipeline, dist, amp=amp, progress=progress)
     finally:
         distributed.cleanup()
-    return dict(model=model, weights=str(weights), data=bundle.kind, top1=res["val_top1"], top5=res["val_top5"],
-                loss=res["val_loss"], images=res["images"], skipped=res["skipped"])
+    return dict(model=name, weights=str(rec.source), data=bundle.kind, data_dir=str(root), top1=res["val_top1"],
+                top5=res["val_top5"], loss=res["val_loss"], images=res["images"], skipped=res["skipped"],
+                img_size=eval_size, mean=list(mean), std=list(std), notes=notes)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="top-1/top-5 accuracy of a weight file on a data set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="safetensors file or PyTorch/timm checkpoint")
-    p.add_argument("--model", help="timm model name (default: recorded in our safetensors files)")
+    p.add_argument("--weights", required=True,
+                   help="weight file (safetensors, PyTorch/timm checkpoint), training run folder or model folder")
+    p.add_argument("--model", help="timm model name (default: recorded with the weights)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model keywords, e.g. width_mult=0.25")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist | cifar10 | cifar100 | imagefolder | DIR")
+    p.add_argument("--data", help="fashion-mnist | cifar10 | cifar100 | imagefolder | DIR (default: recorded with "
+                                  "the weights, else the kind of --data-dir, else fashion-mnist)")
     p.add_argument("--data-dir", help="the data directory when --data names a kind")
     p.add_argument("--cifar100-labels", choices=("fine", "coarse"), default="fine")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a checkpoint that has them")
@@ -122,8 +351,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--img-size", type=int, help="input size for image folders (default 224)")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction for image folders")
+    p.add_argument("--img-size", type=int, help="input size for image folders (default: recorded with the weights, "
+                                                "else the model's)")
+    p.add_argument("--crop-pct", type=float, help="centre-crop fraction for image folders (default: recorded with "
+                                                  "the weights, else 0.875)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--skip-corrupt", action="store_true", help="skip and count unreadable images")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
@@ -139,14 +370,26 @@ def _run(args: argparse.Namespace) -> int:
         model_kwargs = dict(parse_kv(t) for t in args.model_kwargs)
     except argparse.ArgumentTypeError as err:
         raise ConfigError(f"--model-kwargs: {err}") from None
+    _check_json_path(args.json)
+
+    def log(line: str) -> None:
+        if line.startswith("note: "):
+            print(f"openaff eval: {line}", file=sys.stderr, flush=True)
+        else:
+            print(line, flush=True)
+
     res = evaluate(args.weights, args.model, args.data, args.data_dir, model_kwargs=model_kwargs, use_ema=args.ema,
                    batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                    channels_last=args.channels_last, img_size=args.img_size, crop_pct=args.crop_pct,
                    cifar100_labels=args.cifar100_labels, limit=args.limit, skip_corrupt=args.skip_corrupt,
-                   threads=args.threads, cpu_alloc=args.cpu_alloc, progress=args.progress)
+                   threads=args.threads, cpu_alloc=args.cpu_alloc, progress=args.progress, log=log)
     skipped = f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""
     print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): top-1 {res['top1']:.2f} %, "
           f"top-5 {res['top5']:.2f} %, loss {res['loss']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        text = json.dumps(res, indent=1) + "\n"
+        try:
+            atomic_write(args.json, lambda f: f.write(text.encode()))
+        except OSError as err:
+            raise ConfigError(f"cannot write --json {args.json}: {err.strerror or err}") from None
     return 0
