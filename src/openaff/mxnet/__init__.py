@@ -1,4 +1,5 @@
-"""MXNet weight files without MXNet: a numpy reader and writer for NDArray-list (``.params``) files."""
+"""MXNet weight files without MXNet: a numpy reader and writer for NDArray-list (``.params``) files, and
+the converter of the authors' weights into our models (``openaff convert``, :func:`convert_params`)."""
 
 from .convert import ConversionError, convert_params
 from .ndarray import (
