@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,8 +46,8 @@ def test_imagenet_recipe_builds(name: str) -> None:
     assert opt.param_groups[0]["lr"] == 0.0  # warm-up from 0
     state.scheduler.step_update(250)
     assert opt.param_groups[0]["lr"] == pytest.approx(base_lr / 2)
-    state.scheduler.step_update(12000)  # cosine per step, to 0 after 240 epochs of 100 steps
-    assert opt.param_groups[0]["lr"] == pytest.approx(base_lr / 2, rel=1e-6)
+    state.scheduler.step_update(12000)  # after the warm-up, a cosine per step over the other 235 epochs
+    assert opt.param_groups[0]["lr"] == pytest.approx(base_lr / 2 * (1 + math.cos(math.pi * 115 / 235)), rel=1e-6)
     state.scheduler.step_update(24000)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert crit.mixup.mixup_alpha == 0.2 and isinstance(crit.loss_fn, SoftTargetCrossEntropy)

@@ -1,10 +1,19 @@
-"""The ``openaff`` command: one sub-command per job, each defined next to the code it runs."""
+"""The ``openaff`` command: one sub-command per job, each defined next to the code it runs.
+
+Exit status: 0 on success; 2 for anything the user can fix (a bad flag or value, a missing or
+unreadable file), reported on one line ``openaff COMMAND: error: ...`` (argparse's usage errors
+and the commands' :class:`~openaff.training.errors.OpenAFFError` alike, the latter through
+:func:`~openaff.training.errors.run_command`); 130 after Ctrl-C. ``openaff bench`` exits 1 when
+some of its models failed to run (the others' numbers are still written).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 # sub-command -> module with `add_parser(subparsers)`. Adding a command is one line here.
 COMMANDS = {
@@ -16,10 +25,37 @@ COMMANDS = {
     "export": "openaff.export",
 }
 
+__all__ = ["COMMANDS", "OneLineParser", "build_parser", "main", "version"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``openaff train: error: ...``, exit status 2.
+
+    argparse would print the whole usage first (dozens of lines for ``openaff train``), burying
+    the one line that says what is wrong; ``--help`` still shows it all.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed distribution's version (``open-aff``), else the package's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("open-aff")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import openaff
+
+        return openaff.__version__
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openaff", description="Attentional Feature Fusion in PyTorch.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = OneLineParser(prog="openaff", description="Attentional Feature Fusion in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # sub-parsers inherit OneLineParser
     sub.required = True
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
@@ -27,10 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``openaff ARGS``; returns the exit status (argparse's own exits raise ``SystemExit``).
+
+    Args:
+        argv: the arguments after ``openaff`` (default: ``sys.argv[1:]``).
+    """
     import openaff  # noqa: F401  (registers the models with timm)
 
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    prog = f"openaff {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # A command that can say more (train: how to resume) catches it itself.
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:
+        # `openaff models | head`: the reader is gone; stop quietly, as other command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
