@@ -298,6 +298,9 @@ def check_output(out: str | Path) -> tuple[bool, list[Path]]:
     """
     out = Path(out)
     folder = output_is_folder(out)
+    if folder and not out.exists() and out.suffix in (".pt", ".pth", ".bin", ".ckpt", ".params", ".npz"):
+        raise ConversionError(f"{out}: the converter writes a folder (a path without a weight-file suffix) or a "
+                              ".safetensors file, not a {out.suffix} file")
     if folder:
         if out.exists() and not out.is_dir():
             raise ConversionError(f"{out} exists and is not a directory; give a new folder or a .safetensors file")
