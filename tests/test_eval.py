@@ -235,6 +235,10 @@ def test_eval_accepts_folders_as_weights(run: tuple[Path, Path], tmp_path: Path,
     for source in (folder, f"local-dir:{folder}"):
         res = evaluate(source, data_dir=str(data), progress=False)
         assert (res["top1"], res["loss"]) == (direct["top1"], direct["loss"]) and res["data"] == "fashion-mnist"
+    older = tmp_path / "older_run"  # the run folder of earlier versions: best.safetensors, no config.json
+    older.mkdir()
+    (older / "best.safetensors").write_bytes(_weights(out).read_bytes())
+    assert evaluate(older, data_dir=str(data), progress=False)["top1"] == direct["top1"]
     (tmp_path / "empty").mkdir()
     assert "is a directory" in _fails(capsys, "--weights", str(tmp_path / "empty"), "--data-dir", str(data))
 
