@@ -289,6 +289,19 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"cannot write -o {out}: directory {out.parent} is not writable")
     if out.exists() and not os.access(out, os.W_OK):
         raise ConfigError(f"cannot write -o {out}: the file is not writable")
+    # Before minutes of exporting: the permission bits say nothing for root or read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"cannot write -o {out}: {err.strerror or err}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx", weights: str | None = None,
@@ -365,14 +378,14 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
 
     gen = torch.Generator().manual_seed(seed)
     inputs = {f"random batch {batch}": torch.randn(batch, *size, generator=gen),
-              "random batch 1": torch.randn(1, *size, generator=gen),
-              f"real images ({', '.join(REAL_IMAGES)})": real_images(size, data["mean"], data["std"])}
+              "random batch 1": torch.randn(1, *size, generator=gen)}
     with torch.no_grad():
         try:
             net(inputs["random batch 1"])
         except Exception as err:
             raise ConfigError(f"{name} does not run on a {'x'.join(map(str, size))} input: {_first_line(err)}") \
                 from None
+    inputs[f"real images ({', '.join(REAL_IMAGES)})"] = real_images(size, data["mean"], data["std"])
 
     exported = net
     folded = 0
@@ -419,6 +432,8 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         if not errors[worst] <= atol:
             raise ExportError(f"{format} export of {name} differs from eager PyTorch by {errors[worst]:.3g} "
                               f"(max abs, {worst}) > --atol {atol:g}; nothing written to {out}")
+        # mkstemp makes the file private; the output gets the mode open() would give it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
