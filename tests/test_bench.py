@@ -62,14 +62,70 @@ def test_train_reports_saved_memory_and_recompute_saves_less(tmp_path):
     assert rows["cifar_resnet8"]["saved_ratio"] == pytest.approx(1.0)
 
 
-def test_bad_model_is_reported_not_fatal(tmp_path):
-    rc, doc, md = _run(tmp_path, "--mode", "train", "--models", "cifar_resnet8+fold,cifar_resnet8+fast",
-                       "--baseline", "cifar_resnet8")
+def test_model_failing_at_run_time_is_reported_not_fatal(tmp_path, monkeypatch):
+    # A model that breaks while it is built or run (here: its naive rewrite) loses only its own row.
+    def broken(model):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(bench, "_make_naive", broken)
+    rc, doc, md = _run(tmp_path, "--mode", "train", "--models", "cifar_resnet8+naive", "--baseline", "cifar_resnet8")
     assert rc == 1
     errors = {r["model"]: r["error"] for r in doc["results"]}
-    assert "--mode infer" in errors["cifar_resnet8+fold"]
-    assert "unknown model suffix" in errors["cifar_resnet8+fast"]
+    assert "out of memory (simulated)" in errors["cifar_resnet8+naive"]
     assert errors["cifar_resnet8"] is None and "failed" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-classes", "0"], "--num-classes must be >= 1, got 0"),
+    (["--threads", "-2"], "--threads must be >= 0, got -2"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--img-size", "0"], "--img-size must be >= 1"),
+    (["--settle", "-1"], "--settle must be >= 0"),
+    (["--time-limit", "-5"], "--time-limit must be > 0"),
+    (["--quiet-cpu", "1.5"], "--quiet-cpu must be"),
+    (["--pair", "foo"], "--pair wants MODEL=BASELINE"),
+    (["--pair", "aff_cifar_resnet8=nosuch"], "unknown model 'nosuch'"),
+    (["--models", "nosuch_net"], "unknown model 'nosuch_net'"),
+    (["--baseline", "nosuch_net"], "unknown model 'nosuch_net'"),
+    (["--models", "cifar_resnet8+fast"], "unknown model suffix 'fast'"),
+    (["--models", "cifar_resnet8+fold", "--mode", "train"], "+fold is for --mode infer"),
+    (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--json", "{tmp}"], "is a directory; give a file name"),
+    (["--json", "{tmp}/file/x.json"], "is not a folder"),
+    (["--json", "/proc/openaff-bench/x.json"], "cannot create files in /proc"),
+    (["--json", "{tmp}/ok.json", "--markdown", "{tmp}"], "--markdown"),
+])
+def test_bad_arguments_one_line_exit_2_before_any_work(args, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+
+    def no_work(*a, **k):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(bench, "_Entry", no_work)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert bench.main(["--models", "cifar_resnet8", "--baseline", "cifar_resnet8", *TINY[2:], *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openaff bench: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "ok.json").exists()
+
+
+def test_cuda_without_a_gpu_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([*TINY, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == "openaff bench: error: --device cuda: no CUDA GPU is available here " \
+                  "(torch.cuda.is_available() is False); use --device cpu\n"
+
+
+def test_bench_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--batch", "many"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("openaff bench: error: argument --batch: invalid int value")
 
 
 def test_pair_sets_a_second_baseline(tmp_path):

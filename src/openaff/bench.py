@@ -35,6 +35,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import types
@@ -47,8 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
+from .training.errors import ConfigError, OpenAFFError, run_command
 
-__all__ = ["BenchResult", "add_parser", "main", "markdown_table", "run_bench"]
+__all__ = ["BenchResult", "add_parser", "check_args", "main", "markdown_table", "run_bench"]
 
 # Without --models: our two headline models and the timm networks a user would pick instead; in
 # inference also folded variants (ours with fuse_for_inference, the baselines with torch.fx's fuse).
@@ -97,7 +99,7 @@ def _parse_pairs(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         model, sep, base = pair.partition("=")
         if not sep or not model or not base:
-            raise ValueError(f"--pair wants MODEL=BASELINE, got {pair!r}")
+            raise ConfigError(f"--pair wants MODEL=BASELINE (timm names), got {pair!r}")
         out[model.strip()] = base.strip()
     return out
 
@@ -106,7 +108,7 @@ def _parse_spec(spec: str) -> tuple[str, set[str]]:
     name, *suffixes = spec.strip().split("+")
     bad = [s for s in suffixes if s not in _SUFFIXES]
     if bad:
-        raise ValueError(f"unknown model suffix {'+'.join(bad)!r} in {spec!r}; known: {', '.join(_SUFFIXES)}")
+        raise ConfigError(f"unknown model suffix {'+'.join(bad)!r} in {spec!r}; known: {', '.join(_SUFFIXES)}")
     return name, set(suffixes)
 
 
@@ -201,7 +203,7 @@ class _Entry:
         model.train(train)
         if "fold" in suffixes:
             if train:
-                raise ValueError("+fold is for --mode infer (a folded model has no BatchNorm to train)")
+                raise ConfigError("+fold is for --mode infer (a folded model has no BatchNorm to train)")
             model, how = _fold(model)
             notes.append(f"BN folded ({how})")
         self.model = model
@@ -350,16 +352,93 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def run_bench(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by parsed ``openaff bench`` arguments; returns the JSON document."""
+def _check_device(spec: str) -> None:
+    if spec == "auto":
+        return
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                              "use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"--device {spec}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad ``openaff bench`` arguments before any model is built (:class:`ConfigError`, one line).
+
+    Counts, ranges, the device, ``--pair`` and every model name with its suffixes; a model that
+    fails while it runs (out of memory, a compiler error) is reported in the results instead.
+    """
+    import timm
+
     import openaff  # noqa: F401  (registers our models with timm)
 
+    minimum = {"--batch": (args.batch, 1), "--repeats": (args.repeats, 1), "--iters": (args.iters, 1),
+               "--warmup": (args.warmup, 0), "--img-size": (args.img_size, 1), "--in-chans": (args.in_chans, 1),
+               "--num-classes": (args.num_classes, 1), "--threads": (args.threads, 0)}
+    if args.settle is not None:
+        minimum["--settle"] = (args.settle, 0)
+    for flag, (value, low) in minimum.items():
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}" + (" (0: leave as is)" if flag == "--threads"
+                                                                           else ""))
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise ConfigError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    if not 0 <= args.quiet_cpu <= 1:
+        raise ConfigError(f"--quiet-cpu must be a share of the CPUs in [0, 1], got {args.quiet_cpu}")
+    _check_device(args.device)
+    pairs = _parse_pairs(args.pair)
+    specs = [s.strip() for s in (args.models or "").split(",") if s.strip()]
+    for spec in [*specs, args.baseline, *pairs, *pairs.values()]:
+        name, suffixes = _parse_spec(spec)
+        if not timm.is_model(name):
+            raise ConfigError(f"unknown model {name!r} (see openaff models or timm.list_models())")
+        if "fold" in suffixes and args.mode == "train":
+            raise ConfigError(f"{spec}: +fold is for --mode infer (a folded model has no BatchNorm to train)")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse now, not after the benchmark, an output ``path`` that cannot be written."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'bench.json'}")
+    try:
+        if path.exists():
+            open(path, "a").close()  # opens for writing without changing it
+            return
+        parent = path.parent
+        while not parent.exists():  # the folders --json creates; the first that exists must take them
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"cannot write {flag} {path}: {parent} is not a folder")
+        try:
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as err:
+            raise ConfigError(f"cannot write {flag} {path}: cannot create files in {parent} "
+                              f"({err.strerror or err})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot write {flag} {path}: {err.strerror or err}") from None
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``openaff bench`` arguments; returns the JSON document.
+
+    Raises:
+        ConfigError: a bad argument (see :func:`check_args`), before any work.
+    """
     from .layers import set_fusion_kernels
 
     if args.models is None:
         args.models = ",".join(DEFAULT_MODELS[args.mode])
         if args.pair is None:
             args.pair = list(DEFAULT_PAIRS)
+    check_args(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -622,28 +701,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "of the machine's CPUs meanwhile (reported as the 'quiet' median)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (and a .md next to it)")
     p.add_argument("--markdown", type=Path, default=None, help="markdown path (default: the --json path as .md)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=lambda args: run_command("openaff bench", lambda: _run(args)))
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.repeats < 1 or args.iters < 1 or args.warmup < 0:
-        raise SystemExit("openaff bench: --batch, --repeats and --iters must be >= 1, --warmup >= 0")
+    """Exit status 0; 2 for a bad argument (nothing run); 1 when some models failed (the others are reported)."""
+    md_path = args.markdown or (args.json.with_suffix(".md") if args.json else None)
+    for flag, path in (("--json", args.json), ("--markdown", md_path)):
+        if path is not None:
+            _check_writable(path, flag)
     doc = run_bench(args)
     print(doc["markdown"])
-    md_path = args.markdown or (args.json.with_suffix(".md") if args.json else None)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    if md_path:
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(doc["markdown"])
+    for path, text in ((args.json, json.dumps(doc, indent=1) + "\n"), (md_path, doc["markdown"])):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as err:  # checked before the run; the place changed meanwhile (the table is printed above)
+            raise OpenAFFError(f"cannot write {path}: {err.strerror or err}") from None
     failed = [r for r in doc["results"] if r["error"]]
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """``openaff bench`` without the ``openaff`` front end (``python -m openaff.bench ...``)."""
-    parser = argparse.ArgumentParser(prog="openaff")
+    from .cli import OneLineParser
+
+    parser = OneLineParser(prog="openaff")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

@@ -16,6 +16,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .training.errors import ConfigError, run_command
+
 __all__ = ["ModelInfo", "list_openaff_models", "model_info", "models_table"]
 
 
@@ -68,13 +70,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'aff_*50*'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=lambda args: run_command("openaff models", lambda: _run(args)))
 
 
 def _run(args: argparse.Namespace) -> int:
     names = list_openaff_models(args.pattern)
     if not names:
-        raise SystemExit(f"openaff models: no registered model matches {args.pattern!r}")
+        raise ConfigError(f"no model of openaff matches {args.pattern!r} (openaff models lists them all; patterns are "
+                          "shell-style, e.g. 'aff_*50*')")
     if args.json:
         print(json.dumps([asdict(model_info(n)) for n in names], indent=1))
     else:
