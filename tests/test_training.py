@@ -33,27 +33,35 @@ def _common(data_dir: Path) -> list[str]:
             "--no-progress", "--amp", "none"]
 
 
-def test_train_outputs_and_timm_loading(fmnist: Path, tmp_path: Path) -> None:
+def test_train_outputs_and_timm_loading(fmnist: Path, tmp_path: Path, capsys) -> None:
     cfg = make_config("fashion-mnist-cpu", data_dir=str(fmnist), model_kwargs=dict(width_mult=0.125), epochs=2,
                       batch_size=64, limit_train=256, output=str(tmp_path / "run"), progress=False, threads=1,
                       ema_decay=0.9)
     result = train(cfg)
     out = tmp_path / "run"
-    for name in ("metrics.csv", "last.pt", "best.safetensors", "curves.png", "config.yaml"):
+    for name in ("metrics.csv", "last.pt", "model.safetensors", "config.json", "curves.png", "config.yaml"):
         assert (out / name).is_file(), name
+    assert not (out / "best.safetensors").exists()  # one copy of the best weights: the hub layout's
+    assert result.weights == out / "model.safetensors"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1"] and set(COLUMNS) <= set(rows[0])
     assert float(rows[-1]["val_top1"]) == pytest.approx(result.final["val_top1"], abs=1e-3)
     assert float(rows[-1]["img_per_s"]) > 0 and "ema_val_top1" in rows[0]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert make_config(str(out / "config.yaml")).epochs == 2  # the resolved config is a recipe
-    # best.safetensors loads through timm's pretrained machinery (num_classes also in the overlay).
-    model = timm.create_model("aff_cifar_resnet8", pretrained=True, num_classes=10, in_chans=1, width_mult=0.125,
-                              pretrained_cfg_overlay=dict(file=str(out / "best.safetensors"), num_classes=10,
-                                                          input_size=(1, 28, 28)))
-    saved, meta = load_weights(out / "best.safetensors")
+    # The printed "load with" line, executed as printed, rebuilds the best model with nothing else given.
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  load with: "))
+    scope: dict = {}
+    exec(f"import timm, openaff\nmodel = {line.split(': ', 1)[1]}", scope)  # noqa: S102  (the line under test)
+    loaded = scope["model"].eval()
+    saved, meta = load_weights(out / "model.safetensors")
     assert meta["model"] == "aff_cifar_resnet8" and meta["num_classes"] == 10
-    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    best = timm.create_model("aff_cifar_resnet8", num_classes=10, in_chans=1, width_mult=0.125)
+    best.load_state_dict(saved)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), best.eval()(x))
+    assert loaded.pretrained_cfg["input_size"] == (1, 28, 28) and loaded.num_classes == 10
     if result.best_epoch == 1:  # with EMA on, the best weights are the EMA's
         ema = load_checkpoint(out / "last.pt")["ema"]
         assert all(torch.equal(v, ema[f"module.{k}"]) for k, v in saved.items())
@@ -122,10 +130,13 @@ def test_ddp_two_processes_match_one(fmnist: Path, tmp_path: Path) -> None:
             "--sync-bn", "--lr", "0.02", "--limit-val", "64"]
     single = openaff("train", *args, "--output", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
+    # No --output: rank 0 picks the fresh run folder and every rank uses it.
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "openaff", "train", *args, "--output", str(tmp_path / "ddp")],
-                         env=env(), capture_output=True, text=True, timeout=300)
+                          "-m", "openaff", "train", *args], env=env(), capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    run.rename(tmp_path / "ddp")
     torch.manual_seed(0)  # the training's initial weights
     init = timm.create_model("aff_cifar_resnet8", num_classes=10, in_chans=1, width_mult=0.125).state_dict()
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
@@ -156,7 +167,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist: Path, tmp_path: P
 
 def test_bad_data_gives_one_line_errors(fmnist: Path, tmp_path: Path, capsys) -> None:
     def run(*args: str) -> str:
-        assert main(["train", *TINY, "--no-progress", "--workers", "0", "--output", str(tmp_path / "o"), *args]) == 2
+        try:
+            rc = main(["train", *TINY, "--no-progress", "--workers", "0", "--output", str(tmp_path / "o"), *args])
+        except SystemExit as exc:  # a flag value refused by argparse itself
+            rc = exc.code
+        assert rc == 2
         err = capsys.readouterr().err
         assert err.startswith("openaff train: error: ") and err.count("\n") == 1, err
         return err
@@ -165,7 +180,8 @@ def test_bad_data_gives_one_line_errors(fmnist: Path, tmp_path: Path, capsys) ->
     (tmp_path / "empty").mkdir()
     assert "is empty" in run("--data", str(tmp_path / "empty"))
     assert "does not exist" in run("--data-dir", str(tmp_path / "missing"))
-    assert "unknown model" in run("--data-dir", str(fmnist), "--model", "nope")
+    err = run("--data-dir", str(fmnist), "--model", "nope")
+    assert "model" in err and "'nope'" in err
     assert "fusion" in run("--data-dir", str(fmnist), "--model-kwargs", "fusion=bogus")
     assert "fewer than one batch" in run("--data-dir", str(fmnist), "--limit-train", "8")
 

@@ -6,36 +6,64 @@ Examples::
     openaff train --recipe cifar-study --data-dir ~/data/cifar-100-python --cifar100-labels coarse
     torchrun --nproc_per_node=4 -m openaff train --recipe imagenet-aff-resnet50 --data ~/imagenet
     openaff train --resume runs/demo            # continue an interrupted run exactly
+    openaff train --resume runs/demo --epochs 20   # train a run longer (schedule of a 20-epoch run)
 
-Outputs (``--output DIR``): metrics.csv, curves.png, best.safetensors, last.pt, config.yaml.
+Outputs (``--output DIR``; default: a fresh ``runs/<model>-<data>-<YYYYmmdd-HHMMSS>``): the best
+weights in timm's hub layout (``config.json`` + ``model.safetensors``: ``timm.create_model(
+"local-dir:DIR", pretrained=True)`` rebuilds the model), metrics.csv, curves.png, last.pt (resume
+state) and config.yaml (the configuration used). A folder that holds a run is never replaced
+without ``--overwrite``; continue it with ``--resume DIR`` instead.
+
+Resuming continues exactly; only ``--epochs`` and run-time settings (threads, workers, where the
+data lives, progress, checkpoint frequency, skipping unreadable images) may change. With another
+``--epochs`` the learning-rate schedule is the one a run planned with that many epochs has, from
+the step reached on (the lr jumps to it; see ``openaff.training.resume``). A diverged run (NaN/inf
+loss, weights or BN statistics) stops with exit status 2 and keeps its last good files; Ctrl-C
+stops with one line that gives the command to resume (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
+from .. import hub
 from ..cpu_memory import apply_cpu_alloc
 from . import distributed
-from .checkpoint import atomic_write, save_weights
+from .checkpoint import atomic_write
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
 from .data import DataBundle, build_data
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError, NonFiniteLossError, run_command
 from .factory import build_training
 from .metrics import plot_curves, write_csv
-from .resume import Checkpointer, load_resume_checkpoint, restore
+from .resume import Checkpointer, check_finite, load_resume_checkpoint, restore, resume_config
 
-__all__ = ["TrainResult", "add_parser", "train"]
+__all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "train"]
+
+# Any of these in a folder means it holds a run (ours, or weights someone saved there): never replaced unasked.
+RUN_FILES = ("last.pt", hub.WEIGHTS_NAME, hub.CONFIG_NAME, "metrics.csv", "best.safetensors")
+# Everything a run writes (best.safetensors: the weights file of earlier versions).
+OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml")
+# An output of None or TrainConfig's default means "a fresh folder under runs/".
+_AUTO_OUTPUT = (None, TrainConfig.output)
 
 
 @dataclass
@@ -53,22 +81,8 @@ class TrainResult:
 
     @property
     def weights(self) -> Path:
-        return self.output / "best.safetensors"
-
-
-def load_snippet(cfg: TrainConfig, data: DataBundle, weights: Path) -> str:
-    """The timm call that loads ``best.safetensors`` with a pretrained config that fits it.
-
-    ``num_classes`` must be in the overlay too: timm drops a classifier whose size differs from
-    the pretrained config's (100 classes for the small-image models). ``input_size``, ``mean``
-    and ``std`` make ``timm.data.resolve_model_data_config(model)`` describe this data set.
-    """
-    kwargs = "".join(f", {k}={v!r}" for k, v in cfg.model_kwargs.items())
-    size = (data.in_chans, data.data.img_size, data.data.img_size)
-    overlay = (f'file="{weights}", num_classes={data.num_classes}, input_size={size}, '
-               f"mean={tuple(data.mean)}, std={tuple(data.std)}")
-    return (f'timm.create_model("{cfg.model}", pretrained=True, num_classes={data.num_classes}, '
-            f"in_chans={data.in_chans}{kwargs}, pretrained_cfg_overlay=dict({overlay}))")
+        """The best weights (``model.safetensors`` of the hub layout; ``config.json`` beside it)."""
+        return self.output / hub.WEIGHTS_NAME
 
 
 def _setup_runtime(cfg: TrainConfig) -> distributed.DistInfo:
@@ -85,27 +99,163 @@ def _setup_runtime(cfg: TrainConfig) -> distributed.DistInfo:
     return dist
 
 
-def train(config: TrainConfig | dict | str, resume: str | Path | None = None) -> TrainResult:
+def train(config: TrainConfig | dict | str | None = None, resume: str | Path | None = None, *,
+          overwrite: bool = False) -> TrainResult:
     """Train as ``config`` says; the Python API of ``openaff train``.
 
     Args:
-        config: a :class:`TrainConfig`, a mapping of its fields, or a recipe name/path.
-        resume: an output folder with ``last.pt`` to continue exactly where it stopped (its
-            ``output`` replaces the config's).
+        config: a :class:`TrainConfig`, a mapping of its fields, or a recipe name/path. With
+            ``resume``: None for the run's own configuration, or one that differs from it only in
+            ``epochs`` and the run-time settings of :data:`openaff.training.resume.RESUMABLE`.
+        resume: a run folder with ``last.pt`` to continue exactly where it stopped; more
+            ``epochs`` extend the run with the schedule of a run of that length (the lr jumps).
+        overwrite: replace the run in ``config.output`` (its files are deleted when the new run
+            starts writing); without it a folder holding a run is refused.
+
+    Raises:
+        ConfigError: a bad setting, a folder that holds a run, an unwritable output folder, or a
+            change on resume that would make the continuation not exact.
+        NonFiniteLossError: the run diverged; its last good checkpoint and best weights are kept.
+        KeyboardInterrupt: Ctrl-C; its note says how to resume.
     """
-    cfg = config if isinstance(config, TrainConfig) else make_config(config)
+    if config is None and resume is None:
+        raise ConfigError("train() needs a configuration or a run folder to resume")
+    cfg = None if config is None else config if isinstance(config, TrainConfig) else make_config(config)
     ckpt = None
     if resume is not None:
+        if overwrite:
+            raise ConfigError(f"--resume {resume} continues a run and --overwrite replaces one; drop one of them")
         ckpt = load_resume_checkpoint(resume)
-        cfg = make_config({**asdict(cfg), "output": str(resume)})
-    dist = _setup_runtime(cfg)
+        cfg = resume_config(ckpt, resume, cfg)
+    return _run_training(cfg, ckpt, overwrite)
+
+
+def _run_training(cfg: TrainConfig, ckpt: dict | None, overwrite: bool) -> TrainResult:
+    """Join the processes, claim the output folder, train; a Ctrl-C gets a note with the resume command."""
+    interrupted = threading.Event()
+    previous = _catch_interrupts(interrupted)
+    dist, save = None, None
     try:
-        return _train(cfg, dist, ckpt)
+        dist = _setup_runtime(cfg)
+        out = _claim_output(cfg, dist, resuming=ckpt is not None, overwrite=overwrite)
+        cfg = replace(cfg, output=str(out))  # config.yaml and last.pt record the folder actually used
+        save = Checkpointer(cfg, dist, out)
+        return _train(cfg, dist, ckpt, save, overwrite)
+    except BaseException as err:
+        if not (interrupted.is_set() or isinstance(err, KeyboardInterrupt)):
+            raise
+        # Under torchrun a rank may fail with a broken collective when another one stopped first: the cause is
+        # the Ctrl-C all the same. A second Ctrl-C must not turn the clean exit into a traceback.
+        _catch_interrupts(None)
+        stop = err if isinstance(err, KeyboardInterrupt) else KeyboardInterrupt()
+        stop.add_note(_interrupted(save, dist))
+        raise stop from None
     finally:
         distributed.cleanup()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
-def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None) -> TrainResult:
+def _catch_interrupts(flag: threading.Event | None) -> signal.Handlers | None:
+    """Route SIGINT to ``flag`` + KeyboardInterrupt (None: ignore it); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers; Python's default then applies
+
+    def on_sigint(signum: int, frame: object) -> None:
+        flag.set()
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, on_sigint if flag is not None else signal.SIG_IGN)
+
+
+def _interrupted(save: Checkpointer | None, dist: distributed.DistInfo | None) -> str:
+    """The line that tells how to continue an interrupted run."""
+    if save is None or save.last is None:
+        where = f" in {save.path.parent}" if save is not None else ""
+        return f"interrupted before the first checkpoint{where}; nothing to resume (run the same command again)"
+    folder = shlex.quote(str(save.path.parent))
+    if dist is not None and dist.distributed:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        nodes = "" if local == dist.world_size else " on every node, with your other torchrun options"
+        cmd = f"torchrun --nproc_per_node={local} -m openaff train --resume {folder}{nodes}"
+    else:
+        cmd = f"openaff train --resume {folder}"
+    return f"interrupted; continue from the last checkpoint (epoch {save.last[0]}, step {save.last[1]}) with: {cmd}"
+
+
+def _data_name(cfg: TrainConfig) -> str:
+    source = cfg.data_dir if cfg.data == "imagefolder" and cfg.data_dir else cfg.data
+    return Path(source.rstrip("/")).name or "data"
+
+
+def fresh_run_folder(root: str | Path, stem: str, stamp: str | None = None) -> Path:
+    """Create and return ``root/<stem>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... when taken).
+
+    The folder is claimed with an exclusive ``mkdir``, so two runs started in the same second get
+    two folders.
+    """
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "run"
+    for i in range(1, 10_000):
+        folder = Path(root) / (f"{stem}-{stamp}" if i == 1 else f"{stem}-{stamp}-{i}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise ConfigError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+    raise ConfigError(f"cannot find a free run folder name {root}/{stem}-{stamp}-N")
+
+
+def _check_writable(folder: Path) -> None:
+    # A real write, not os.access: root passes access() checks on folders it still cannot write.
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".openaff-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise ConfigError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
+
+
+def _output_folder(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
+    if resuming:
+        out = Path(cfg.output)
+    elif cfg.output in _AUTO_OUTPUT:
+        return fresh_run_folder("runs", f"{cfg.model}-{_data_name(cfg)}")
+    else:
+        out = Path(cfg.output)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output {out} is a file, not a folder")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not overwrite:
+            raise ConfigError(f"{out} holds a run ({', '.join(held)}); continue it with --resume {out} "
+                              "or replace it with --overwrite")
+    _check_writable(out)
+    return out
+
+
+def _claim_output(cfg: TrainConfig, dist: distributed.DistInfo, resuming: bool, overwrite: bool) -> Path:
+    """The output folder, decided (and checked writable) by rank 0 and broadcast, so that all ranks agree.
+
+    Every rank gets rank 0's verdict, an error included, and stops with it rather than waiting.
+    """
+    verdict: list[str | None] = [None, None]  # folder, error
+    if dist.is_main:
+        try:
+            verdict[0] = str(_output_folder(cfg, resuming, overwrite))
+        except ConfigError as err:
+            verdict[1] = str(err)
+    if dist.distributed:
+        tdist.broadcast_object_list(verdict, src=0)
+    if verdict[1] is not None:
+        raise ConfigError(verdict[1])
+    return Path(verdict[0])
+
+
+def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save: Checkpointer,
+           overwrite: bool) -> TrainResult:
     out = Path(cfg.output)
     say = tqdm.write if dist.is_main else (lambda *a, **k: None)
     data = build_data(cfg, dist)
@@ -114,26 +264,26 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None) -> T
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    save = Checkpointer(cfg, dist, out)
     if ckpt is not None:
         restore(ckpt, state, dist)
         save.last = (state.epoch, state.step)
         say(f"resuming {out} at epoch {state.epoch}, step {state.step}")
-    elif dist.is_main and (out / "last.pt").exists():
-        say(f"note: {out} holds an earlier run; starting afresh (continue one with --resume {out})")
+        before = ckpt["config"].get("epochs")
+        if before != cfg.epochs:
+            was = ckpt["optimizer"]["param_groups"][0]["lr"]
+            say(f"epochs {before} -> {cfg.epochs}: the learning rate now follows the {cfg.epochs}-epoch schedule "
+                f"from update {state.global_step} on ({was:.4g} -> {state.optimizer.param_groups[0]['lr']:.4g})")
     if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"cannot create the output folder {out}: {err.strerror}") from None
-        for name in ("last.pt", "best.safetensors", "metrics.csv", "curves.png"):
+        for name in OUTPUT_FILES:
+            if overwrite and ckpt is None:
+                (out / name).unlink(missing_ok=True)  # the old run goes as the new one starts writing
             for tmp in out.glob(f".{name}.*.tmp"):  # left by a run killed while writing
                 tmp.unlink(missing_ok=True)
         atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
         n_params = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
         say(f"{cfg.model} ({n_params:,} params) on {data.kind}: {data.train_size} train / {data.val_size} val "
             f"images, {data.num_classes} classes; {cfg.epochs} epochs of {data.batches_per_epoch} steps, "
-            f"batch {cfg.batch_size} on {dist.world_size} x {dist.device.type}")
+            f"batch {cfg.batch_size} on {dist.world_size} x {dist.device.type}; output {out}")
     t_start = time.perf_counter()
     while state.epoch < cfg.epochs:
         t0 = time.perf_counter()
@@ -144,10 +294,11 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None) -> T
                                     criterion.loss_fn, dist, amp=cfg.amp, mixup=criterion.mixup,
                                     grad_clip=cfg.grad_clip, check_every=1 if dist.device.type == "cpu" else 50,
                                     checkpoint_every=cfg.checkpoint_every, save=save, progress=cfg.progress)
+            row = _end_epoch(cfg, state, data, dist, stats, t0)
+            save(state)
         except NonFiniteLossError as err:
-            raise NonFiniteLossError(f"{err}; {save.describe_last()}. Lower --lr or set --grad-clip") from None
-        row = _end_epoch(cfg, state, data, dist, stats, t0)
-        save(state)
+            hint = "Lower --lr" + ("" if cfg.grad_clip else " or set --grad-clip")
+            raise NonFiniteLossError(f"{err}; {save.describe_last()}. {hint}") from None
         if dist.is_main:
             write_csv(state.history, out / "metrics.csv")
             plot_curves(state.history, out / "curves.png", title=f"{cfg.model} on {data.kind}")
@@ -160,8 +311,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None) -> T
         say(f"done in {time.perf_counter() - t_start:.0f} s: final top-1 {result.final['val_top1']:.2f} % "
             f"(best {state.best_top1:.2f} % after epoch {state.best_epoch + 1})\n"
             f"  metrics: {out / 'metrics.csv'}\n  plot:    {out / 'curves.png'}\n"
-            f"  weights: {out / 'best.safetensors'}\n  resume:  {out / 'last.pt'}, config: {out / 'config.yaml'}\n"
-            f"  load with: {load_snippet(cfg, data, out / 'best.safetensors')}")
+            f"  weights: {result.weights} (timm hub layout, with {out / hub.CONFIG_NAME})\n"
+            f"  resume:  {out / 'last.pt'}, config: {out / 'config.yaml'}\n"
+            f"  load with: {hub.load_line(out)}")
     return result
 
 
@@ -171,6 +323,10 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     if dist.distributed and not cfg.sync_bn:
         distribute_bn(state.model, dist.world_size, reduce=False)  # evaluate and save rank 0's BN statistics
     val = evaluate(state.model, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress)
+    # Checked before anything is kept: diverged weights or BN statistics (the training loss can stay finite
+    # while a running_var overflows), and a NaN validation loss, which must never count as a best epoch.
+    check_finite(state, dist, f"at the end of epoch {state.epoch}")
+    _check_val_loss(val, state.epoch, "")
     row = dict(epoch=state.epoch, lr=state.optimizer.param_groups[0]["lr"], train_loss=stats["train_loss"],
                val_loss=val["val_loss"], val_top1=val["val_top1"], val_top5=val["val_top5"],
                img_per_s=stats["img_per_s"], seconds=0.0)
@@ -178,6 +334,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     if state.ema is not None:  # then the EMA weights are the ones kept
         ema_val = evaluate(state.ema.module, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp,
                            progress=cfg.progress, desc="eval EMA")
+        _check_val_loss(ema_val, state.epoch, "EMA ")
         row.update({f"ema_{k}": v for k, v in ema_val.items() if k.startswith("val_")})
         score, best_model = ema_val["val_top1"], state.ema.module
     if stats["skipped"] or val["skipped"]:
@@ -187,19 +344,36 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     if score > state.best_top1:
         state.best_top1, state.best_epoch = score, state.epoch
         if dist.is_main:
-            save_weights(Path(cfg.output) / "best.safetensors", best_model.state_dict(),
-                         dict(model=cfg.model, model_kwargs=cfg.model_kwargs, num_classes=data.num_classes,
-                              in_chans=data.in_chans, img_size=data.data.img_size, mean=list(data.mean),
-                              std=list(data.std), epoch=state.epoch, val_top1=score, data=data.kind))
+            _save_best(cfg, data, best_model, dict(epoch=state.epoch, val_top1=score, data=data.kind,
+                                                   ema=state.ema is not None))
     state.epoch, state.step, state.loss_sum, state.seen, state.skipped = state.epoch + 1, 0, 0.0, 0, 0
     return row
+
+
+def _check_val_loss(val: dict, epoch: int, what: str) -> None:
+    if not math.isfinite(val["val_loss"]):
+        raise NonFiniteLossError(f"the {what}validation loss became NaN/inf at the end of epoch {epoch}; "
+                                 "training stopped")
+
+
+def _save_best(cfg: TrainConfig, data: DataBundle, model: torch.nn.Module, metadata: dict) -> None:
+    """The best weights as timm's hub layout in the output folder (``config.json`` + ``model.safetensors``)."""
+    classes = list(data.data.classes or [])
+    folder = data.kind == "imagefolder"  # the evaluation transform of image folders: resize, centre crop
+    hub.save_pretrained(model, cfg.output, architecture=cfg.model, model_args=cfg.model_kwargs,
+                        input_size=(data.in_chans, data.data.img_size, data.data.img_size), mean=data.mean,
+                        std=data.std, crop_pct=cfg.crop_pct if folder else None,
+                        interpolation="bilinear" if folder else None,
+                        label_names=classes if len(classes) == data.num_classes else None, metadata=metadata)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a model from a recipe (resumable, DDP via torchrun)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="recipe name (see --list-recipes) or path to a .yaml file")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt (only --epochs and "
+                   "run-time settings may change; more epochs follow the schedule of a run that long)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run the --output folder holds")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     add_config_arguments(p)
@@ -207,17 +381,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        return _command(args)
+    except KeyboardInterrupt as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other ranks stay quiet
+            note = (getattr(err, "__notes__", None) or ["interrupted"])[-1]
+            print(f"openaff train: {note}", file=sys.stderr, flush=True)
+        return 130
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print("\n".join(recipe_names()))
         return 0
+    ckpt = None
     if args.resume:
         if args.recipe:
             raise ConfigError("--resume takes the configuration of the run it continues; drop --recipe")
-        cfg = config_from_args(args, base=load_resume_checkpoint(args.resume)["config"])
+        if args.overwrite:
+            raise ConfigError(f"--resume {args.resume} continues a run and --overwrite replaces one; drop one of them")
+        ckpt = load_resume_checkpoint(args.resume)
+        explicit = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}
+        given = config_from_args(args, base={**ckpt["config"], "output": args.resume})
+        cfg = resume_config(ckpt, args.resume, given, explicit)
     else:
         cfg = config_from_args(args)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    train(cfg, resume=args.resume)
+    _run_training(cfg, ckpt, args.overwrite)
     return 0
