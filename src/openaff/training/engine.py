@@ -49,11 +49,10 @@ class TrainState:
     best_epoch: int = -1
 
 
-def _check_finite(loss_sum: torch.Tensor, state: TrainState) -> None:
+def _check_finite(loss_sum: torch.Tensor, state: TrainState, lr: float) -> None:
     # Every rank checks at the same steps and all agree, so they stop together.
     bad = all_reduce_sum((~torch.isfinite(loss_sum)).float().reshape(1))
     if bad.item() > 0:
-        lr = state.optimizer.param_groups[0]["lr"]
         raise NonFiniteLossError(f"the training loss became NaN/inf at epoch {state.epoch} step {state.step} "
                                  f"(lr {lr:.3g}); training stopped")
 
@@ -85,6 +84,7 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
     model.train()
     loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=dev)
     seen_here, t0 = 0, time.perf_counter()
+    lr = state.optimizer.param_groups[0]["lr"]
     total = len(loader) + state.step
     bar = tqdm(loader, total=total, initial=state.step, desc=f"epoch {state.epoch}",
                disable=not (progress and dist.is_main), dynamic_ncols=True, mininterval=1.0, leave=False)
@@ -101,6 +101,7 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
             x, y = mixup(x, y)
         with autocast(dev, amp):
             loss = loss_fn(model(x), y)
+        lr = state.optimizer.param_groups[0]["lr"]  # this step's (for messages; the schedule moves on below)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         if grad_clip:
@@ -119,14 +120,14 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
         # The epoch's end has its own checkpoint (with the evaluation), so skip the last step here.
         due = bool(save and checkpoint_every and state.global_step % checkpoint_every == 0 and state.step < total)
         if due or state.step % check_every == 0:
-            _check_finite(loss_sum, state)  # never checkpoint diverged weights
+            _check_finite(loss_sum, state, lr)  # never checkpoint diverged weights
         if due:
             state.loss_sum = float(loss_sum)
             save(state)
         if bar.n % 20 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.optimizer.param_groups[0]['lr']:.3g}",
                             refresh=False)
-    _check_finite(loss_sum, state)
+    _check_finite(loss_sum, state, lr)
     state.loss_sum = float(loss_sum)
     seconds = time.perf_counter() - t0
     totals = all_reduce_sum(torch.tensor([state.loss_sum, state.seen, seen_here, state.skipped],
