@@ -56,7 +56,7 @@ from .factory import build_training
 from .metrics import plot_curves, write_csv
 from .resume import Checkpointer, check_finite, load_resume_checkpoint, restore, resume_config
 
-__all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "train"]
+__all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_folder", "train"]
 
 # Any of these in a folder means it holds a run (ours, or weights someone saved there): never replaced unasked.
 RUN_FILES = ("last.pt", hub.WEIGHTS_NAME, hub.CONFIG_NAME, "metrics.csv", "best.safetensors")
@@ -247,6 +247,8 @@ def _claim_output(cfg: TrainConfig, dist: distributed.DistInfo, resuming: bool, 
             verdict[0] = str(_output_folder(cfg, resuming, overwrite))
         except ConfigError as err:
             verdict[1] = str(err)
+        except OSError as err:  # anything else the file system says: the other ranks must hear of it too
+            verdict[1] = f"cannot use the output folder {cfg.output}: {err.strerror or err}"
     if dist.distributed:
         tdist.broadcast_object_list(verdict, src=0)
     if verdict[1] is not None:
