@@ -20,7 +20,7 @@ import yaml
 from _train_utils import env, write_fashion_mnist
 
 from openaff.cli import main
-from openaff.training import ConfigError, make_config
+from openaff.training import ConfigError, NonFiniteLossError, make_config
 from openaff.training.checkpoint import load_checkpoint, load_weights
 from openaff.training.train import fresh_run_folder, train
 
@@ -169,6 +169,23 @@ def test_a_diverged_run_stops_with_status_2_and_keeps_no_non_finite_file(fmnist:
             assert not bad, f"{name} holds non-finite {bad[:3]}"
     assert ("last good checkpoint" in err) == (out / "last.pt").exists()
     assert not (out / "metrics.csv").exists()  # no diverged epoch is recorded (nor kept as the best)
+
+
+def test_a_nan_validation_loss_never_becomes_the_best(fmnist: Path, tmp_path: Path, monkeypatch) -> None:
+    import openaff.training.train as train_mod
+
+    real = train_mod.evaluate
+
+    def nan_but_perfect(*args, **kwargs) -> dict:  # the worst case: a top-1 that beats every earlier epoch
+        return {**real(*args, **kwargs), "val_loss": float("nan"), "val_top1": 100.0}
+
+    monkeypatch.setattr(train_mod, "evaluate", nan_but_perfect)
+    cfg = make_config(data_dir=str(fmnist), model_kwargs=dict(width_mult=0.125), limit_train=128, limit_val=64,
+                      batch_size=32, epochs=1, lr=0.05, output=str(tmp_path / "run"), progress=False, workers=0,
+                      threads=1)
+    with pytest.raises(NonFiniteLossError, match="validation loss became NaN/inf at the end of epoch 0"):
+        train(cfg)
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
 def _read_only_folder(tmp_path: Path) -> Path:
