@@ -56,6 +56,7 @@ def test_train_outputs_and_timm_loading(fmnist: Path, tmp_path: Path, capsys) ->
     loaded = scope["model"].eval()
     saved, meta = load_weights(out / "model.safetensors")
     assert meta["model"] == "aff_cifar_resnet8" and meta["num_classes"] == 10
+    assert meta["data"] == "fashion-mnist" and meta["data_dir"] == str(fmnist.resolve())  # for openaff eval RUN
     best = timm.create_model("aff_cifar_resnet8", num_classes=10, in_chans=1, width_mult=0.125)
     best.load_state_dict(saved)
     x = torch.rand(4, 1, 28, 28)

@@ -73,6 +73,7 @@ class DataBundle:
     val_loader: DataLoader
     workers: int
     pin_memory: bool
+    root: str = ""  # the data set's directory (absolute), recorded with the weights for `openaff eval`
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -116,7 +117,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
             the weights were trained with.
         std: per-channel normalisation std (default: the data set's).
     """
-    kind, _ = resolve_source(cfg.data, cfg.data_dir)
+    kind, root = resolve_source(cfg.data, cfg.data_dir)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
     img_size = cfg.img_size or (224 if kind == "imagefolder" else None)
@@ -154,4 +155,4 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
     val_loader = make_loader(data.val, EvalSampler(len(data.val), 2 * per_rank, dist.rank, dist.world_size),
                              workers, pin)
     return DataBundle(data.kind, data.num_classes, data.in_chans, data, sampler, train_pipe, eval_pipe, val_loader,
-                      workers, pin)
+                      workers, pin, str(root.resolve()))

@@ -347,7 +347,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
         state.best_top1, state.best_epoch = score, state.epoch
         if dist.is_main:
             _save_best(cfg, data, best_model, dict(epoch=state.epoch, val_top1=score, data=data.kind,
-                                                   ema=state.ema is not None))
+                                                   data_dir=data.root, ema=state.ema is not None))
     state.epoch, state.step, state.loss_sum, state.seen, state.skipped = state.epoch + 1, 0, 0.0, 0, 0
     return row
 
