@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=2 -m openaff train --recipe fashion-mnist-cpu --output runs/demo
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=2 -m openaff train --recipe fashion-mnist-cpu --output runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
