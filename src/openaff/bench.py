@@ -729,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import OneLineParser
 
     parser = OneLineParser(prog="openaff")
-    add_parser(parser.add_subparsers(dest="command"))
+    parser.commands = parser.add_subparsers(dest="command")
+    add_parser(parser.commands)
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)
 

@@ -35,8 +35,18 @@ class OneLineParser(argparse.ArgumentParser):
     the one line that says what is wrong; ``--help`` still shows it all.
     """
 
+    commands: argparse._SubParsersAction | None = None
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201  (argparse's signature)
+        # Unknown flags are found after the sub-command has parsed its own: blame that sub-command.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = self.commands.choices.get(getattr(parsed, "command", None)) if self.commands else None
+            (sub or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def version() -> str:
@@ -56,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="openaff", description="Attentional Feature Fusion in PyTorch.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # sub-parsers inherit OneLineParser
+    parser.commands = sub
     sub.required = True
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)

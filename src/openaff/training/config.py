@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -324,6 +325,18 @@ def _check_combinations(cfg: TrainConfig) -> None:
 
 # --- recipes ------------------------------------------------------------------------------------
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-4`` as the number YAML 1.2 says it is (1.1 wants ``1.0e-4``)."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506  (a SafeLoader)
+
+
 def recipe_names() -> list[str]:
     """Names of the recipes shipped with the package."""
     folder = resources.files("openaff") / "recipes"
@@ -348,7 +361,7 @@ def load_recipe(name_or_path: str) -> dict:
                               "or give a path to a .yaml file")
         text = res.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {name_or_path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
@@ -387,7 +400,7 @@ def parse_kv(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     try:
-        return key, yaml.safe_load(value)
+        return key, _yaml(value)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"the value of {key} is not valid YAML: {value!r}") from None
 
