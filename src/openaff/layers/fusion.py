@@ -18,6 +18,11 @@ Speed and memory: AFF and iAFF blend with the fused ops of :mod:`openaff.layers.
 logits instead of the four full-size intermediates autograd keeps for the formula written out).
 With ``recompute = True`` (see :func:`openaff.layers.fused_ops.set_fusion_recompute`) a module in
 training mode keeps only its inputs and runs its MS-CAMs again in the backward pass.
+
+Scripting, tracing and export: under ``torch.jit.script``, FX symbolic tracing and ``torch.jit.trace``
+(the legacy ONNX exporter) every module computes its ``formula`` (the equations above with ordinary
+ops; see :mod:`openaff.layers.tracing`), which gives the fast path's numbers up to rounding.
+``torch.compile`` and ``torch.export`` keep the fast path.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .fused_ops import attention_blend, fusion_recompute, recompute_context
 from .mscam import MSCAM
+from .tracing import use_formula
 
 __all__ = [
     "AFF",
@@ -85,10 +91,16 @@ def create_fusion(name: str, channels: int, r: int = 4) -> nn.Module:
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
+    # One shape read on the good path: this runs in every fusion of every eager forward pass.
+    shape = x.shape
+    if shape != y.shape or len(shape) != 4 or shape[1] != channels:
+        _bad_pair(x, y, channels)
+
+
+def _bad_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
     if x.shape != y.shape:
         raise ValueError(f"fusion inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"fusion expects B x {channels} x H x W inputs, got {tuple(x.shape)}")
+    raise ValueError(f"fusion expects B x {channels} x H x W inputs, got {tuple(x.shape)}")
 
 
 class _AttentionFusion(nn.Module):
@@ -96,6 +108,8 @@ class _AttentionFusion(nn.Module):
 
     ``recompute`` (default :func:`openaff.layers.fused_ops.fusion_recompute`) makes a module in
     training mode keep only its inputs for the backward pass and run ``_fuse`` again there.
+    TorchScript, FX symbolic tracing and ``torch.jit.trace`` (legacy ONNX export) get
+    :meth:`formula` instead: the same numbers from ordinary ops, no checks in Python.
     """
 
     def __init__(self, channels: int, r: int = 4, mscams: tuple[str, ...] = ("mscam",)) -> None:
@@ -108,16 +122,24 @@ class _AttentionFusion(nn.Module):
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.channels)
-        if self.recompute and self.training and torch.is_grad_enabled():
-            if torch.compiler.is_compiling():
-                # The compiled graph is functional: the BatchNorm buffer updates happen once, in the
-                # forward graph, whatever the partitioner recomputes, so no marker is needed (or allowed).
-                return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False)
-            return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False,
-                              context_fn=recompute_context)
+    def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The fusion's equation written out with ordinary ops (no fused kernels, no checks)."""
         return self._fuse(x, y)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # TorchScript resolves is_scripting() statically and never compiles the else branch.
+        if torch.jit.is_scripting() or use_formula():
+            return self.formula(x, y)
+        else:
+            _check_pair(x, y, self.channels)
+            if self.recompute and self.training and torch.is_grad_enabled():
+                if torch.compiler.is_compiling():
+                    # The compiled graph is functional: the BatchNorm buffer updates happen once, in the
+                    # forward graph, whatever the partitioner recomputes, so no marker is needed (or allowed).
+                    return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False)
+                return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False,
+                                  context_fn=recompute_context)
+            return self._fuse(x, y)
 
 
 @register_fusion("add")
@@ -150,6 +172,11 @@ class AFF(_AttentionFusion):
         # 2·x·w + 2·y·(1 − w) = 2·lerp(y, x, w), with w = sigmoid(L + G) fused into the blend.
         return attention_blend(x, y, *self.mscam.logits(x + y), scale=2.0, inplace=True)
 
+    def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``w = M(x + y)``; ``2·x·w + 2·y·(1 − w)``, written out."""
+        w = self.mscam.formula(x + y)
+        return 2 * x * w + 2 * y * (1 - w)
+
 
 @register_fusion("iaff")
 class IAFF(_AttentionFusion):
@@ -170,6 +197,13 @@ class IAFF(_AttentionFusion):
         z = attention_blend(x, y, *self.mscam1.logits(x + y), inplace=True)
         return attention_blend(x, y, *self.mscam2.logits(z), inplace=True)
 
+    def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``x·w2 + y·(1 − w2)``, written out."""
+        w1 = self.mscam1.formula(x + y)
+        z = x * w1 + y * (1 - w1)
+        w2 = self.mscam2.formula(z)
+        return x * w2 + y * (1 - w2)
+
 
 @register_fusion("concat")
 class ConcatFusion(nn.Module):
@@ -181,7 +215,8 @@ class ConcatFusion(nn.Module):
         self.conv = nn.Conv2d(2 * channels, channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_pair(x, y, self.channels)
+        if not torch.jit.is_scripting() and not use_formula():
+            _check_pair(x, y, self.channels)
         return self.conv(torch.cat([x, y], dim=1))
 
 

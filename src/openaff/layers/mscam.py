@@ -11,21 +11,58 @@ The ``nn.Sequential`` indices of the two branches follow the authors' Gluon code
 Speed: the fusion modules call :meth:`MSCAM.logits` and blend with the fused ops of
 :mod:`openaff.layers.fused_ops`, so the sigmoid and the blend never materialise term by term;
 :func:`openaff.inference.fuse_for_inference` folds the branches' BatchNorms into their convolutions.
-Every op keeps the input's memory format (channels_last stays channels_last).
+Every op keeps the input's memory format (channels_last stays channels_last). Scripted and traced
+models compute :meth:`MSCAM.formula` instead (see :mod:`openaff.layers.tracing`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from .bn_fold import bn_scale_shift
 from .fused_ops import attention_weight, is_recomputing
+from .tracing import use_formula
 
-__all__ = ["MSCAM", "ContextBatchNorm2d"]
+__all__ = ["MSCAM", "ContextBatchNorm2d", "context_batch_norm"]
 
 
+def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                       num_batches_tracked: torch.Tensor | None, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, training: bool, momentum: float | None,
+                       eps: float) -> torch.Tensor:
+    """``nn.BatchNorm2d``'s computation, with running statistics in a training batch of one value per channel.
+
+    An FX leaf (``torch.fx.wrap``): the batch-size test runs when the graph runs, not when it is traced.
+
+    Args:
+        x: ``B x C x H x W`` input.
+        running_mean: running mean, updated in training when given (None: batch statistics only).
+        running_var: running variance, as ``running_mean``.
+        num_batches_tracked: counter incremented by a training pass that updates the statistics, or None.
+        weight: affine scale, or None.
+        bias: affine shift, or None.
+        training: normalise with batch statistics (and update the running ones).
+        momentum: running-average factor; None for a cumulative average.
+        eps: added to the variance.
+    """
+    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None, factor, eps)
+
+
+torch.fx.wrap("context_batch_norm")
+
+
+@register_notrace_module  # a leaf of timm's FX tracer: its graphs follow train()/eval() as eager does
 class ContextBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that stays defined when a training batch holds one value per channel.
 
@@ -34,7 +71,8 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
     "Expected more than 1 value per channel"). In that case this layer normalises with its
     running statistics, exactly as in evaluation, and leaves them unchanged; gradients still
     flow to the input, gamma and beta. With two or more values per channel it is a plain
-    ``nn.BatchNorm2d``.
+    ``nn.BatchNorm2d`` (the same ``F.batch_norm`` call). Scriptable, and FX-traceable with the
+    batch-size test kept in the graph (:func:`context_batch_norm`).
 
     When a fusion module recomputes its forward pass for the backward pass (see
     :func:`openaff.layers.fused_ops.set_fusion_recompute`), the recomputation normalises with the
@@ -43,16 +81,18 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        if self.training and self.track_running_stats and not torch.compiler.is_compiling() and is_recomputing():
-            # Throw-away copies: the same kernel (and saved tensors, which checkpoint checks) as the
-            # forward pass, without a second update of the real running statistics.
-            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
-                                True, self.momentum if self.momentum is not None else 0.0, self.eps)
-        return super().forward(x)
+        stats = self.training and self.track_running_stats
+        if not torch.jit.is_scripting():  # a separate `if`: TorchScript then skips the block statically
+            if stats and not torch.compiler.is_compiling() and is_recomputing():
+                # Throw-away copies: the same kernel (and saved tensors, which checkpoint checks) as the
+                # forward pass, without a second update of the real running statistics.
+                return context_batch_norm(x, self.running_mean.clone(), self.running_var.clone(), None,
+                                          self.weight, self.bias, True,
+                                          0.0 if self.momentum is None else self.momentum, self.eps)
+        return context_batch_norm(x, self.running_mean if stats or not self.training else None,
+                                  self.running_var if stats or not self.training else None,
+                                  self.num_batches_tracked if stats else None,
+                                  self.weight, self.bias, self.training, self.momentum, self.eps)
 
 
 def _context_branch(channels: int, inter: int, pool: bool) -> nn.Sequential:
@@ -86,9 +126,10 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
     that costs more than its arithmetic. The same modules, parameters and statistics; the rounding
     differs in the last bits. Skipped (None) for any other layout and when a hook watches the branch.
     """
-    mods = list(branch)
-    if any(m._forward_hooks or m._forward_pre_hooks for m in [branch, *mods]):
-        return None
+    mods = list(branch._modules.values())
+    for m in (branch, *mods):  # a loop, not any(generator): fewer Python calls on every pass
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
     pooled = isinstance(mods[0], nn.AdaptiveAvgPool2d)
     if pooled:
         if mods[0].output_size not in (1, (1, 1)):
@@ -143,5 +184,12 @@ class MSCAM(nn.Module):
                     self.global_att(x) if glob is None else glob)
         return self.local_att(x), self.global_att(x)
 
+    def formula(self, x: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(L(x) + G(x))`` written out: what scripted and traced models compute."""
+        return torch.sigmoid(self.local_att(x) + self.global_att(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return attention_weight(*self.logits(x))
+        if torch.jit.is_scripting() or use_formula():
+            return self.formula(x)
+        else:
+            return attention_weight(*self.logits(x))

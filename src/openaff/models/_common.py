@@ -1,10 +1,16 @@
-"""What the three model families share: input checks, the classifier head and timm's model API."""
+"""What the three model families share: input checks, the classifier head and timm's model API.
+
+Every model is scriptable (``torch.jit.script``) and FX-traceable: code that only eager PyTorch
+runs (input checks, gradient checkpointing) sits behind ``torch.jit.is_scripting()``, and the
+fusion layers switch to their written-out formulas (:mod:`openaff.layers.tracing`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models._manipulate import checkpoint_seq
@@ -12,17 +18,30 @@ from torch import nn
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a ValueError naming the problem when ``x`` is not a ``B x in_chans x H x W`` batch."""
+    """Raise a ValueError naming the problem when ``x`` is not a ``B x in_chans x H x W`` batch.
+
+    FX proxies pass (their shapes exist only when the graph runs); TorchScript callers skip the
+    call (``if not torch.jit.is_scripting()``).
+    """
+    # Two attribute reads on the good path: this runs in every eager forward pass.
+    if isinstance(x, torch.Tensor):
+        if x.ndim == 4 and x.shape[1] == in_chans:
+            return
+    elif isinstance(x, torch.fx.Proxy):
+        return
+    _bad_image_batch(x, in_chans)
+
+
+def _bad_image_batch(x: object, in_chans: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
     if x.dim() != 4:
         hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
         raise ValueError(f"expected a 4-D image batch B x {in_chans} x H x W, got shape {tuple(x.shape)}{hint}")
-    if x.shape[1] != in_chans:
-        raise ValueError(
-            f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-            f"build the model with in_chans={x.shape[1]} or convert the images"
-        )
+    raise ValueError(
+        f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+        f"build the model with in_chans={x.shape[1]} or convert the images"
+    )
 
 
 def init_weights(model: nn.Module) -> None:
@@ -51,13 +70,11 @@ class ClassifierMixin:
         self.num_classes = num_classes
         self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
 
-    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        stages = [getattr(self, name) for name in self.stage_names]
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(nn.Sequential(*stages), x)
-        for stage in stages:
-            x = stage(x)
-        return x
+    @torch.jit.unused
+    def _checkpoint_stages(self, x: torch.Tensor) -> torch.Tensor:
+        # One checkpoint per stage. The models' forward_features call the stages by name otherwise,
+        # which TorchScript and FX need (and which skips building a list every call).
+        return checkpoint_seq([getattr(self, name) for name in self.stage_names], x)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -84,19 +101,6 @@ class ClassifierMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def fuse_with_drop_path(fusion: nn.Module, x: torch.Tensor, shortcut: torch.Tensor,
-                        drop_path: nn.Module | None) -> torch.Tensor:
-    """``fusion(x, shortcut)``, with stochastic depth applied to the block's contribution.
-
-    Stochastic depth drops ``fused - shortcut``, so a dropped block is the identity for every
-    fusion type; zeroing ``x`` before an AFF (as ``x + shortcut`` models do) would not be.
-    """
-    out = fusion(x, shortcut)
-    if drop_path is None:
-        return out
-    return shortcut + drop_path(out - shortcut)
 
 
 def downsample_avg(inplanes: int, outplanes: int, stride: int, norm: bool = True) -> nn.Sequential:

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..layers import create_fusion
-from ._common import ClassifierMixin, check_image_batch, fuse_with_drop_path, init_weights, make_stages
+from ._common import ClassifierMixin, check_image_batch, init_weights, make_stages
 from .aff_resnet import FusionBottleneck
 
 __all__ = ["AFFCifarPreActResNet", "AFFCifarResNeXt", "PreActBlock"]
@@ -60,7 +60,10 @@ class PreActBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.conv1(self.act1(self.bn1(x)))
         out = self.conv2(self.act2(self.bn2(out)))
-        return fuse_with_drop_path(self.fusion, out, shortcut, self.drop_path)
+        fused = self.fusion(out, shortcut)
+        if self.drop_path is not None:
+            fused = shortcut + self.drop_path(fused - shortcut)  # a dropped block is the identity
+        return fused
 
 
 def _widths(width_mult: float) -> tuple[int, int, int]:
@@ -127,8 +130,13 @@ class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
         return dict(stem=r"^input_norm|conv1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans)
-        x = self._forward_stages(self.conv1(self.input_norm(x)))
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans)
+        x = self.conv1(self.input_norm(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = self._checkpoint_stages(x)
+        else:
+            x = self.layer3(self.layer2(self.layer1(x)))
         return self.act_final(self.bn_final(x))
 
 
@@ -186,8 +194,12 @@ class AFFCifarResNeXt(ClassifierMixin, nn.Module):
         return dict(stem=r"^conv1|bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans)
-        return self._forward_stages(self.act1(self.bn1(self.conv1(x))))
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans)
+        x = self.act1(self.bn1(self.conv1(x)))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._checkpoint_stages(x)
+        return self.layer3(self.layer2(self.layer1(x)))
 
 
 def _cfg(**kwargs) -> dict:

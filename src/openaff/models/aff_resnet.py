@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..layers import create_fusion
-from ._common import ClassifierMixin, check_image_batch, fuse_with_drop_path, init_weights, make_stages
+from ._common import ClassifierMixin, check_image_batch, init_weights, make_stages
 
 __all__ = ["AFFResNet", "FusionBasicBlock", "FusionBottleneck"]
 
@@ -70,7 +70,12 @@ class FusionBottleneck(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x))
-        return self.act3(fuse_with_drop_path(self.fusion, x, shortcut, self.drop_path))
+        out = self.fusion(x, shortcut)
+        if self.drop_path is not None:
+            # Stochastic depth drops the block's contribution, so a dropped block is the identity
+            # for every fusion type (zeroing x before an AFF would not be).
+            out = shortcut + self.drop_path(out - shortcut)
+        return self.act3(out)
 
 
 class FusionBasicBlock(nn.Module):
@@ -104,7 +109,10 @@ class FusionBasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.bn2(self.conv2(x))
-        return self.act2(fuse_with_drop_path(self.fusion, x, shortcut, self.drop_path))
+        out = self.fusion(x, shortcut)
+        if self.drop_path is not None:
+            out = shortcut + self.drop_path(out - shortcut)  # as FusionBottleneck
+        return self.act2(out)
 
 
 _BLOCKS = {"bottleneck": FusionBottleneck, "basic": FusionBasicBlock}
@@ -186,9 +194,12 @@ class AFFResNet(ClassifierMixin, nn.Module):
         return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans)
+        if not torch.jit.is_scripting():
+            check_image_batch(x, self.in_chans)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self._forward_stages(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._checkpoint_stages(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AFFResNet:
