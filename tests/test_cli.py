@@ -444,12 +444,18 @@ def test_models_without_a_match_exits_2(capsys):
 def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
     import openaff.info
 
-    def interrupted(args):
-        raise KeyboardInterrupt
+    def interrupted(args, note=None):
+        err = KeyboardInterrupt()
+        if note:
+            err.__notes__ = [note]  # what add_note (Python 3.11+) sets
+        raise err
 
     monkeypatch.setattr(openaff.info, "_run", interrupted)
     rc, out, err = run_cli(["models"], capsys)
     assert rc == 130 and err == "openaff models: interrupted\n"
+    monkeypatch.setattr(openaff.info, "_run", lambda args: interrupted(args, "interrupted; resume with: openaff x"))
+    rc, out, err = run_cli(["models"], capsys)
+    assert rc == 130 and err == "openaff models: interrupted; resume with: openaff x\n"
 
 
 def test_closed_pipe_ends_quietly():

@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"openaff {args.command}"
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        # A command that can say more (train: how to resume) catches it itself.
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as err:
+        # A command that can say more (train: how to resume) adds it as the exception's note.
+        note = (getattr(err, "__notes__", None) or ["interrupted"])[-1]
+        print(f"{prog}: {note}", file=sys.stderr, flush=True)
         return 130
     except BrokenPipeError:
         # `openaff models | head`: the reader is gone; stop quietly, as other command-line tools do.
