@@ -196,7 +196,8 @@ class TrainConfig:
     # run
     seed: int = _f(0, "seed of the initial weights, the data order and the augmentation", ge=0, le=2**32 - 1)
     deterministic: bool = _f(False, "deterministic kernels (torch.use_deterministic_algorithms)")
-    output: str | None = _f("runs/train", "output folder")
+    output: str | None = _f(None, "output folder (default: a fresh runs/<model>-<data>-<YYYYmmdd-HHMMSS>; "
+                                  "one that holds a run needs --overwrite)")
     checkpoint_every: int = _f(0, "also write last.pt every N steps (0: at the end of every epoch only)", ge=0)
     progress: bool = _f(True, "tqdm progress bars on the console")
     recipe: str | None = _f(None, "the recipe this configuration started from (for the record)")

@@ -62,8 +62,7 @@ __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_
 RUN_FILES = ("last.pt", hub.WEIGHTS_NAME, hub.CONFIG_NAME, "metrics.csv", "best.safetensors")
 # Everything a run writes (best.safetensors: the weights file of earlier versions).
 OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml")
-# An output of None or TrainConfig's default means "a fresh folder under runs/".
-_AUTO_OUTPUT = (None, TrainConfig.output)
+# An output of None means "a fresh folder under runs/" (see _claim_output).
 
 
 @dataclass
@@ -222,7 +221,7 @@ def _check_writable(folder: Path) -> None:
 def _output_folder(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
     if resuming:
         out = Path(cfg.output)
-    elif cfg.output in _AUTO_OUTPUT:
+    elif cfg.output is None:
         return fresh_run_folder("runs", f"{cfg.model}-{_data_name(cfg)}")
     else:
         out = Path(cfg.output)
