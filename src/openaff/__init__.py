@@ -4,11 +4,40 @@ Importing the package registers its models with timm::
 
     import openaff, timm
     model = timm.create_model("aff_resnet50")
+
+The jobs of the command line are functions here too: ``openaff.train``, ``openaff.evaluate``,
+``openaff.load_pretrained`` (imported on first use, so that ``import openaff`` stays light).
 """
 
+from importlib import import_module
+from typing import Any
+
 from . import models
-from .layers import AFF, IAFF, MSCAM, create_fusion, fusion_names, register_fusion
+from .layers import (
+    AFF,
+    IAFF,
+    MSCAM,
+    MSGAU,
+    MSSA,
+    MSSE,
+    AddFusion,
+    ConcatFusion,
+    create_fusion,
+    fusion_names,
+    register_fusion,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["AFF", "IAFF", "MSCAM", "create_fusion", "fusion_names", "models", "register_fusion"]
+# name -> module that defines it; loaded by __getattr__ on first access.
+_LAZY = {"train": "openaff.training.train", "evaluate": "openaff.training.evaluate",
+         "load_pretrained": "openaff.hub", "save_pretrained": "openaff.hub"}
+
+__all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "AddFusion", "ConcatFusion", "create_fusion",
+           "evaluate", "fusion_names", "load_pretrained", "models", "register_fusion", "save_pretrained", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'openaff' has no attribute {name!r}")
