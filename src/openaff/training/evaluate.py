@@ -3,7 +3,7 @@
 Examples::
 
     openaff eval --weights runs/demo                                   # model and data from the run
-    openaff eval --weights runs/demo/best.safetensors --data-dir ~/fmnist
+    openaff eval --weights runs/demo --data-dir ~/fmnist
     openaff eval --model aff_resnet50 --weights aff_resnet50.safetensors --data ~/imagenet --json r.json
     openaff eval --model aff_cifar_resnet20 --weights ckpt.pth --data cifar100 --data-dir ~/cifar \\
         --model-kwargs in_chans=3
