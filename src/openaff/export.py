@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import math
@@ -116,10 +117,6 @@ def _require_onnx() -> None:
         raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install open-aff[onnx]")
 
 
-def _parse_local_dir(source: str) -> str | None:
-    return source[len("local-dir:"):] if source.startswith("local-dir:") else None
-
-
 def _data_config(net: nn.Module, info: dict, model_kwargs: dict) -> dict:
     """Input size, mean and std: those the weights record, else the model's pretrained_cfg."""
     cfg = dict(getattr(net, "pretrained_cfg", None) or {})
@@ -136,7 +133,7 @@ def _unknown_model(name: str) -> ConfigError:
 
 def _load(model: str, weights: str | None, model_kwargs: dict) -> tuple[nn.Module, str, dict, dict]:
     """The model in eval mode, its name, its create_model kwargs and its data config."""
-    if model.startswith("local-dir:") or Path(model).exists():
+    if model.startswith("local-dir:") or (Path(model).exists() and not timm.is_model(model)):
         if weights is not None:
             raise ConfigError(f"MODEL {model} is a weight source already; drop --weights or give a model name")
         weights, model = model, None
@@ -312,8 +309,8 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     """Export ``model`` to ``out`` and check it against eager PyTorch; the Python API of ``openaff export``.
 
     Args:
-        model: a timm model name, ``local-dir:DIR`` (a hub folder), or a module (its ``pretrained_cfg``
-            gives the input size, mean and std).
+        model: a timm model name, ``local-dir:DIR`` (a hub folder), or a module (put in eval mode; its
+            ``pretrained_cfg`` gives the input size, mean and std).
         out: the file to write (written only if the parity check passes).
         format: ``onnx``, ``pt2`` or ``torchscript``.
         weights: a hub folder, ``local-dir:DIR`` or one of our safetensors files (default: random weights).
@@ -373,8 +370,11 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     else:
         net, name, kwargs, data = _load(model, weights, model_kwargs)
     size = tuple(int(v) for v in (input_size or data["input_size"]))
-    # Parity is checked in float32 on the CPU, whatever the weights were saved in.
-    net = net.to("cpu", torch.float32)
+    # Exported and checked in float32 on the CPU, whatever the weights were saved in (a caller's
+    # module on another device or dtype is copied, not moved).
+    if any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype != torch.float32)
+           for t in (*net.parameters(), *net.buffers())):
+        net = copy.deepcopy(net).to("cpu", torch.float32)
 
     gen = torch.Generator().manual_seed(seed)
     inputs = {f"random batch {batch}": torch.randn(batch, *size, generator=gen),
