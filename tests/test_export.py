@@ -47,6 +47,16 @@ LEGACY_FOLD = {"aff_resnet": True, "iaff_resnet": False, "aff_resnext": False, "
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these small graphs gain nothing from two, and on a shared machine an
+    OpenMP thread waiting for a descheduled partner spins (a 10 ms forward pass then takes 1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(family: str) -> nn.Module:
     """The family's small model with trained-looking BatchNorms, in eval mode.
 
@@ -63,7 +73,7 @@ def _model(family: str) -> nn.Module:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.2, 0.2)
         model.train()
-        model(torch.randn(8, *size))
+        model(torch.randn(6, *size))
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.clamp_(min=0.1)
@@ -110,13 +120,15 @@ def _check(res, fmt: str, folded: bool) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_every_family_legacy_opset17(family: str, tmp_path: Path) -> None:
+    # export_model's own onnxruntime check (two batch sizes, real images) is trusted here: the dynamo
+    # and command-line tests compare it with an independent run.
     model = _model(family)
-    size = FAMILIES[family][2]
     res = export_model(model, tmp_path / "m.onnx", opset=17, fold_bn=LEGACY_FOLD[family])
     _check(res, "onnx", LEGACY_FOLD[family])
     assert (res.method, res.opset) == ("legacy", 17)
     _assert_dynamic_batch(tmp_path / "m.onnx")
-    assert _ort_error(tmp_path / "m.onnx", model, size) <= TOL
+    print(f"ONNX legacy {family} {'folded' if LEGACY_FOLD[family] else 'unfolded'}: {res.max_abs_error:.2g}, "
+          f"export {res.export_s:.1f} s")
 
 
 def test_onnx_dynamo_imagenet_folded(tmp_path: Path) -> None:
@@ -126,7 +138,10 @@ def test_onnx_dynamo_imagenet_folded(tmp_path: Path) -> None:
     _check(res, "onnx", folded=True)
     assert res.method == "dynamo" and res.opset >= 18
     _assert_dynamic_batch(out)
-    assert _ort_error(out, model, (3, 64, 64), batch=5) <= TOL
+    err = _ort_error(out, model, (3, 64, 64), batch=5)
+    assert err <= TOL
+    print(f"ONNX dynamo iaff_resnext folded: {res.max_abs_error:.2g} (own check {err:.2g}), "
+          f"export {res.export_s:.1f} s")
     # Folding changed the exported graph, not the model passed in.
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
 

@@ -253,7 +253,10 @@ def _load_runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]
     if fmt == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # As many threads as torch uses (the eager side of the comparison), not one per core.
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     if fmt == "pt2":
