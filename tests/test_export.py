@@ -269,6 +269,20 @@ def test_cli_local_dir_model_pt2(hub_dir, tmp_path: Path, capsys) -> None:
         assert (torch.export.load(out).module()(x) - model(x)).abs().max().item() <= TOL
 
 
+def test_cli_torchscript_from_safetensors_file(hub_dir, tmp_path: Path, capsys) -> None:
+    # One of our safetensors files: the model and its arguments come from the header.
+    folder, model = hub_dir
+    out = tmp_path / "fmnist.pt"
+    weights = folder / "model.safetensors"
+    assert main(["export", "aff_cifar_resnet8", "--weights", str(weights), "--format", "torchscript",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"weights {weights}" in printed and "TorchScript (script)" in printed, printed
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert (torch.jit.load(str(out))(x) - model(x)).abs().max().item() <= TOL
+
+
 def _fails(capsys, *args: str) -> str:
     assert main(["export", *args]) == 2
     captured = capsys.readouterr()

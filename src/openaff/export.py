@@ -26,7 +26,7 @@ weights included). ``--weights`` takes a hub folder, ``local-dir:DIR`` or one of
 files. Each file carries the model name, its arguments, input size, mean and std (ONNX metadata
 properties, an ``openaff.json`` extra file for ``.pt2`` and TorchScript).
 
-Example: ``openaff export local-dir:runs/fmnist/hub --format onnx --fold-bn -o fmnist.onnx``.
+Example: ``openaff export local-dir:runs/demo --format onnx --fold-bn -o demo.onnx`` (a training run's folder).
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class ExportResult:
     atol: float
     errors: dict[str, float] = field(default_factory=dict)
     fallback_reason: str | None = None
+    weights: str | None = None  # None: random weights (or the module's own)
 
     @property
     def max_abs_error(self) -> float:
@@ -370,8 +371,10 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         cfg = getattr(model, "pretrained_cfg", None) or {}
         net, name, kwargs = model.eval(), cfg.get("architecture") or type(model).__name__, model_kwargs
         data = _data_config(net, {}, {})
+        source = None
     else:
         net, name, kwargs, data = _load(model, weights, model_kwargs)
+    source = weights or (model if isinstance(model, str) and not timm.is_model(model) else None)
     size = tuple(int(v) for v in (input_size or data["input_size"]))
     # Exported and checked in float32 on the CPU, whatever the weights were saved in (a caller's
     # module on another device or dtype is copied, not moved).
@@ -442,7 +445,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         tmp.unlink(missing_ok=True)
     return ExportResult(path=str(out), format=format, model=name, model_kwargs=kwargs, input_size=size, batch=batch,
                         folded_batchnorms=folded, method=method, opset=opset_used, export_s=t1 - t0,
-                        check_s=t2 - t1, atol=atol, errors=errors, fallback_reason=reason)
+                        check_s=t2 - t1, atol=atol, errors=errors, fallback_reason=reason, weights=source)
 
 
 def summary(res: ExportResult) -> str:
@@ -450,8 +453,10 @@ def summary(res: ExportResult) -> str:
     what = {"onnx": f"ONNX opset {res.opset} ({res.method} exporter)", "pt2": "torch.export .pt2",
             "torchscript": f"TorchScript ({res.method})"}[res.format]
     folded = f", {res.folded_batchnorms} BatchNorms folded" if res.folded_batchnorms else ""
-    lines = [f"wrote {res.path}: {res.model} as {what}, input {'x'.join(map(str, res.input_size))} with a dynamic "
-             f"batch dimension{folded} (export {res.export_s:.1f} s, check {res.check_s:.1f} s)"]
+    weights = f"weights {res.weights}" if res.weights else "random weights"
+    size = "x".join(map(str, res.input_size))
+    lines = [f"wrote {res.path}: {res.model} ({weights}) as {what}, input {size} with a dynamic batch "
+             f"dimension{folded} (export {res.export_s:.1f} s, check {res.check_s:.1f} s)"]
     if res.fallback_reason:
         lines.append(f"note: torch.jit.script failed ({res.fallback_reason}); traced instead, at this input size")
     checks = ", ".join(f"{k} {v:.2g}" for k, v in res.errors.items())
