@@ -26,6 +26,9 @@ from openaff.cli import main
 from openaff.export import ExportError, export_model, real_images
 from openaff.training.errors import ConfigError
 
+# TorchScript is deprecated in torch >= 2.9 but still what `--format torchscript` is for.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
 IMAGENET = dict(layers=(1, 1, 1, 1))
 SMALL = dict(width_mult=0.25)
 # family -> (model name, create_model kwargs, input size)
