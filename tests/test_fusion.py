@@ -1,5 +1,7 @@
 """The fusion modules against a direct computation of AFF.md section 1's equations."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,80 @@ def test_mscam_trains_with_batch_of_one():
     x, y = torch.randn(1, 16, 4, 4, requires_grad=True), torch.randn(1, 16, 4, 4)
     m(x, y).sum().backward()
     assert x.grad is not None
+
+
+def _fusion_pair(name: str):
+    m = create_fusion(name, 8, r=2).double()
+    randomize(m)
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+    return m, x, y
+
+
+@pytest.mark.parametrize("mode", ["eval_no_grad", "eval_grad", "train"])
+@pytest.mark.parametrize("name", ["aff", "iaff"])
+def test_formula_path_matches_fast_path(name, mode):
+    # Scripted and traced models compute `formula` (written-out equations); eager ones the fused
+    # blend, with BatchNorm folded on the fly when no gradient is needed. Same numbers, gradients
+    # and BatchNorm updates, up to float64 rounding.
+    fast, x, y = _fusion_pair(name)
+    plain = copy.deepcopy(fast)
+    fast.train(mode == "train")
+    plain.train(mode == "train")
+    with torch.set_grad_enabled(mode != "eval_no_grad"):
+        out = fast(x, y)
+        want = plain.formula(x, y)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    if mode == "eval_no_grad":
+        return
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, y, *fast.parameters()], g)
+    expected = torch.autograd.grad(want, [x, y, *plain.parameters()], g)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    for (n, a), (_, b) in zip(fast.named_buffers(), plain.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_mscam_formula_is_the_equation():
+    m = MSCAM(16, r=4).double().eval()
+    randomize(m)
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(m.formula(x), reference_mscam(m, x), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.formula(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_context_batchnorm_is_batchnorm_from_two_values_on(momentum):
+    # The same outputs, running statistics and batch counter as PyTorch's BatchNorm2d.
+    ours, ref = ContextBatchNorm2d(4, momentum=momentum).double(), torch.nn.BatchNorm2d(4, momentum=momentum).double()
+    randomize(ours)
+    ref.load_state_dict(ours.state_dict())
+    for shape in [(2, 4, 1, 1), (3, 4, 2, 2), (1, 4, 3, 1)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-13, atol=1e-13)
+    ours.eval()
+    ref.eval()
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-13, atol=1e-13)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, msg=n)
+    assert int(ours.num_batches_tracked) == 3
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", fusion_names())
+def test_every_fusion_scripts_and_traces(name):
+    m, x, y = _fusion_pair(name)
+    x, y = x.detach(), y.detach()
+    scripted = torch.jit.script(m)
+    traced = torch.fx.symbolic_trace(m)
+    for training in (True, False):
+        for module in (m, scripted, traced):
+            module.train(training)
+        state = copy.deepcopy(m.state_dict())
+        want = m(x, y)
+        for other in (scripted, traced):
+            m.load_state_dict(state)  # the training passes update the shared BatchNorm statistics
+            torch.testing.assert_close(other(x, y), want, rtol=1e-12, atol=1e-12, msg=f"{name} {type(other)}")

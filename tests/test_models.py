@@ -171,3 +171,22 @@ def test_model_info_counts_multiply_adds():
     assert info.params == 30_373_192
     # resnet50d is 4.33 G multiply-adds with the same counter; the MS-CAMs of stages 3-4 add 0.23 G.
     assert 4.5 < info.gmacs < 4.6
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_add_fusion_is_bit_identical_to_resnet50d(training):
+    # With fusion="add" the ImageNet family is timm's resnet50d: same state dict, same bits out.
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet50d").train(training)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ours = timm.create_model("aff_resnet50", fusion="add").train(training)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))

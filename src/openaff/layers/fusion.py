@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .fused_ops import attention_blend, fusion_recompute, recompute_context
 from .mscam import MSCAM
-from .tracing import use_formula
+from .tracing import is_tracing
 
 __all__ = [
     "AFF",
@@ -103,6 +103,13 @@ def _bad_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
     raise ValueError(f"fusion expects B x {channels} x H x W inputs, got {tuple(x.shape)}")
 
 
+def _blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # x·w + y·(1 − w), as y + w·(x − y): the gradient with respect to w is then g·(x − y) from the
+    # difference itself, not g·x − g·y, which loses digits when x and y are close (0.8 % in float32
+    # at the stem of an iAFF-ResNet, against 1e-4 for the fused path).
+    return y + w * (x - y)
+
+
 class _AttentionFusion(nn.Module):
     """Shared forward of the MS-CAM fusions: input checks, then ``_fuse`` directly or recomputed.
 
@@ -128,7 +135,7 @@ class _AttentionFusion(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # TorchScript resolves is_scripting() statically and never compiles the else branch.
-        if torch.jit.is_scripting() or use_formula():
+        if torch.jit.is_scripting() or is_tracing():
             return self.formula(x, y)
         else:
             _check_pair(x, y, self.channels)
@@ -173,9 +180,9 @@ class AFF(_AttentionFusion):
         return attention_blend(x, y, *self.mscam.logits(x + y), scale=2.0, inplace=True)
 
     def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``w = M(x + y)``; ``2·x·w + 2·y·(1 − w)``, written out."""
+        """``w = M(x + y)``; ``2·x·w + 2·y·(1 − w)``, written out as ``2·(y + w·(x − y))``."""
         w = self.mscam.formula(x + y)
-        return 2 * x * w + 2 * y * (1 - w)
+        return 2 * _blend(x, y, w)
 
 
 @register_fusion("iaff")
@@ -199,10 +206,8 @@ class IAFF(_AttentionFusion):
 
     def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``x·w2 + y·(1 − w2)``, written out."""
-        w1 = self.mscam1.formula(x + y)
-        z = x * w1 + y * (1 - w1)
-        w2 = self.mscam2.formula(z)
-        return x * w2 + y * (1 - w2)
+        z = _blend(x, y, self.mscam1.formula(x + y))
+        return _blend(x, y, self.mscam2.formula(z))
 
 
 @register_fusion("concat")
@@ -215,7 +220,7 @@ class ConcatFusion(nn.Module):
         self.conv = nn.Conv2d(2 * channels, channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not use_formula():
+        if not torch.jit.is_scripting() and not is_tracing():
             _check_pair(x, y, self.channels)
         return self.conv(torch.cat([x, y], dim=1))
 

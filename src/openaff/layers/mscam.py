@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
 from torch import nn
 
 from .bn_fold import bn_scale_shift
 from .fused_ops import attention_weight, is_recomputing
-from .tracing import use_formula
+from .tracing import is_tracing
 
 __all__ = ["MSCAM", "ContextBatchNorm2d", "context_batch_norm"]
 
@@ -35,8 +34,6 @@ def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, runni
                        bias: torch.Tensor | None, training: bool, momentum: float | None,
                        eps: float) -> torch.Tensor:
     """``nn.BatchNorm2d``'s computation, with running statistics in a training batch of one value per channel.
-
-    An FX leaf (``torch.fx.wrap``): the batch-size test runs when the graph runs, not when it is traced.
 
     Args:
         x: ``B x C x H x W`` input.
@@ -59,10 +56,7 @@ def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, runni
     return F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None, factor, eps)
 
 
-torch.fx.wrap("context_batch_norm")
 
-
-@register_notrace_module  # a leaf of timm's FX tracer: its graphs follow train()/eval() as eager does
 class ContextBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that stays defined when a training batch holds one value per channel.
 
@@ -71,8 +65,10 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
     "Expected more than 1 value per channel"). In that case this layer normalises with its
     running statistics, exactly as in evaluation, and leaves them unchanged; gradients still
     flow to the input, gamma and beta. With two or more values per channel it is a plain
-    ``nn.BatchNorm2d`` (the same ``F.batch_norm`` call). Scriptable, and FX-traceable with the
-    batch-size test kept in the graph (:func:`context_batch_norm`).
+    ``nn.BatchNorm2d`` (the same ``F.batch_norm`` call).
+
+    Scriptable, and one ``call_module`` node for every FX tracer, as PyTorch's own BatchNorm is:
+    the traced graph then follows ``train()`` / ``eval()`` and tests the batch size when it runs.
 
     When a fusion module recomputes its forward pass for the backward pass (see
     :func:`openaff.layers.fused_ops.set_fusion_recompute`), the recomputation normalises with the
@@ -83,6 +79,10 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stats = self.training and self.track_running_stats
         if not torch.jit.is_scripting():  # a separate `if`: TorchScript then skips the block statically
+            if isinstance(x, torch.fx.Proxy):
+                # Being traced through (FX only treats torch.nn's own classes as leaves): record this
+                # module as a leaf, so the graph calls it, in whatever mode it is in then.
+                return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
             if stats and not torch.compiler.is_compiling() and is_recomputing():
                 # Throw-away copies: the same kernel (and saved tensors, which checkpoint checks) as the
                 # forward pass, without a second update of the real running statistics.
@@ -189,7 +189,7 @@ class MSCAM(nn.Module):
         return torch.sigmoid(self.local_att(x) + self.global_att(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or use_formula():
+        if torch.jit.is_scripting() or is_tracing():
             return self.formula(x)
         else:
             return attention_weight(*self.logits(x))

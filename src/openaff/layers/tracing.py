@@ -14,7 +14,7 @@ a model's operations in other ways and get the plain formulas (``sigmoid(L + G)`
 import torch
 from torch.fx import _symbolic_trace
 
-__all__ = ["use_formula"]
+__all__ = ["is_tracing"]
 
 # Read directly: this runs in every fusion of every eager forward pass, so no wrapper calls.
 _jit_tracing = torch._C._is_tracing
@@ -26,12 +26,12 @@ def _fx_symbolic_tracing() -> bool:
     return _symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling()
 
 
-# TorchScript compiles both sides of `torch.jit.is_scripting() or use_formula()` but never runs the
+# TorchScript compiles both sides of `torch.jit.is_scripting() or is_tracing()` but never runs the
 # right one: `unused` compiles it as a stub (and needs real annotations: no postponed ones here).
 # torch.compile evaluates it once while tracing (False there) instead of tracing through it.
 @torch.jit.unused
 @torch.compiler.assume_constant_result
-def use_formula() -> bool:
+def is_tracing() -> bool:
     """True while FX symbolically traces or ``torch.jit`` traces the model (not for TorchScript:
     callers test ``torch.jit.is_scripting()`` first, which TorchScript needs to see literally)."""
     if _jit_tracing():

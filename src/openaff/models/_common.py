@@ -10,24 +10,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from timm.layers import create_classifier
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..layers.tracing import is_tracing
+
 
 def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     """Raise a ValueError naming the problem when ``x`` is not a ``B x in_chans x H x W`` batch.
 
-    FX proxies pass (their shapes exist only when the graph runs); TorchScript callers skip the
-    call (``if not torch.jit.is_scripting()``).
+    Nothing is checked while FX or ``torch.jit`` traces (the shapes are symbolic, and a check would
+    freeze the example's shape into the graph); TorchScript callers skip the call
+    (``if not torch.jit.is_scripting()``).
     """
     # Two attribute reads on the good path: this runs in every eager forward pass.
     if isinstance(x, torch.Tensor):
-        if x.ndim == 4 and x.shape[1] == in_chans:
+        if x.ndim == 4 and not is_tracing() and x.shape[1] == in_chans:
             return
-    elif isinstance(x, torch.fx.Proxy):
+    if is_tracing():
         return
     _bad_image_batch(x, in_chans)
 
