@@ -141,8 +141,10 @@ class TrainConfig:
     model_kwargs: dict = _f({}, "extra timm.create_model keywords, e.g. width_mult=0.5 drop_path_rate=0.1")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics across processes")
     # data
-    data: str = _f("fashion-mnist", "fashion-mnist | cifar10 | cifar100 | imagefolder, or a data directory")
-    data_dir: str | None = _f(None, "where the data set lives (default for fashion-mnist: the Debian package)")
+    data: str = _f("fashion-mnist", "fashion-mnist | fashion-mnist-scenes | cifar10 | cifar100 | imagefolder, "
+                                    "or a data directory")
+    data_dir: str | None = _f(None, "where the data set lives (default for fashion-mnist and its scenes: the "
+                                    "Debian package)")
     cifar100_labels: str = _f("fine", "CIFAR-100 labels: fine (100 classes) or coarse (the paper's 20)",
                               choices=("fine", "coarse"))
     limit_train: int | None = _f(None, "use only the first N training images (quick runs, tests)", ge=1)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from .config import TrainConfig
-from .datasets import DATASET_STATS, ImageData, SeededTransform, load_data, resolve_source
+from .datasets import DATASET_STATS, SCENES_CANVAS, ImageData, SeededTransform, load_data, resolve_source
 from .distributed import DistInfo
 from .errors import ConfigError, DataError
 from .loader import BatchPipeline, EvalSampler, TrainSampler, make_loader
@@ -120,7 +120,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
     kind, root = resolve_source(cfg.data, cfg.data_dir)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
-    img_size = cfg.img_size or (224 if kind == "imagefolder" else None)
+    img_size = cfg.img_size or {"imagefolder": 224, "fashion-mnist-scenes": SCENES_CANVAS}.get(kind)
     mean = tuple(mean) if mean is not None else DATASET_STATS[kind][0]
     std = tuple(std) if std is not None else DATASET_STATS[kind][1]
     train_tf, eval_tf = build_transforms(cfg, kind, img_size or 32, mean, std)

@@ -1,9 +1,10 @@
-"""The data sets: Fashion-MNIST (idx files), CIFAR-10/100 (python pickles) and image folders.
+"""The data sets: Fashion-MNIST (idx files), its cluttered scenes, CIFAR-10/100 (python pickles) and image folders.
 
 Every data set yields ``(uint8 C x H x W tensor, int label)``; conversion to float, normalisation
 and the batch-level augmentation happen later, on the training device (see ``loader.py``). The
 small data sets are decoded once into one in-memory uint8 tensor, which both the batched
-``__getitems__`` fast path and the data-loader workers share.
+``__getitems__`` fast path and the data-loader workers share; ``fashion-mnist-scenes``
+(``scenes.py``) composes its scenes from that tensor batch by batch.
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ from torchvision.datasets import ImageFolder
 
 from .errors import ConfigError, CorruptImageError, DataError
 
-__all__ = ["DATASET_STATS", "DATA_KINDS", "FASHION_MNIST_DIR", "ImageData", "InMemoryImages", "SafeImageFolder",
-           "check_limit", "detect_kind", "load_cifar", "load_data", "load_fashion_mnist", "read_idx"]
+__all__ = ["DATASET_STATS", "DATA_KINDS", "FASHION_MNIST_DIR", "SCENES_CANVAS", "ImageData", "InMemoryImages",
+           "SafeImageFolder", "check_limit", "detect_kind", "load_cifar", "load_data", "load_fashion_mnist", "read_idx"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DATA_KINDS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+DATA_KINDS = ("fashion-mnist", "fashion-mnist-scenes", "cifar10", "cifar100", "imagefolder")
+SCENES_CANVAS = 64  # default canvas side of fashion-mnist-scenes
 # Per-channel mean/std of the training images, in [0, 1] units.
 DATASET_STATS = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
+    # All 60,000 training scenes, seed 0, 64 x 64: float64 sums of pixel / 255 and its square over
+    # FashionMNISTScenes(split="train").batch(range(lo, lo + 500)) for every lo (tests/test_scenes.py
+    # checks a sample against these).
+    "fashion-mnist-scenes": ((0.1558,), (0.1663,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet
@@ -383,7 +389,7 @@ def resolve_source(data: str, data_dir: str | None) -> tuple[str, Path]:
     """``(kind, directory)`` from ``--data`` (a kind or a directory) and ``--data-dir``."""
     if data in DATA_KINDS:
         if data_dir is None:
-            if data != "fashion-mnist":
+            if data not in ("fashion-mnist", "fashion-mnist-scenes"):
                 raise DataError(f"--data {data} needs --data-dir DIR")
             data_dir = FASHION_MNIST_DIR
         root = Path(data_dir)
@@ -406,11 +412,13 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
     """Load a data set's splits (the training split only with ``train``).
 
     Args:
-        data: a kind (``fashion-mnist``, ``cifar10``, ``cifar100``, ``imagefolder``) or a directory.
+        data: a kind (``fashion-mnist``, ``fashion-mnist-scenes``, ``cifar10``, ``cifar100``, ``imagefolder``)
+            or a directory.
         data_dir: the directory, when ``data`` is a kind.
         train: also load the training split.
         cifar100_labels: ``fine`` or ``coarse``.
-        img_size: input size for image folders (default 224).
+        img_size: input size for image folders (default 224); the canvas side of ``fashion-mnist-scenes``
+            (default 64).
         train_transform: per-image training transform (image folders; optional for the others).
         eval_transform: per-image evaluation transform (image folders).
         skip_corrupt: skip unreadable images of image folders instead of stopping.
@@ -427,6 +435,18 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
         if tr is not None and tr.classes != val.classes:
             raise DataError(f"train/ and val/ in {root} have different class folders: {_class_diff(tr, val)}")
         return ImageData(kind, tr, val, len(val.classes), 3, img_size or 224, mean, std, False, val.classes)
+    if kind == "fashion-mnist-scenes":
+        from .scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes  # scenes.py imports this module
+
+        canvas = SCENES_CANVAS if img_size is None else img_size
+        if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < 28:
+            raise DataError(f"fashion-mnist-scenes: --img-size (the canvas side) must be at least 28 (an item's "
+                            f"side), got {canvas!r}")
+        val = FashionMNISTScenes(root, "val", canvas)
+        tr = FashionMNISTScenes(root, "train", canvas) if train else None
+        if tr is not None and train_transform is not None:
+            tr.transform = train_transform
+        return ImageData(kind, tr, val, 10, 1, canvas, mean, std, True, list(FASHION_MNIST_CLASSES))
     if kind == "fashion-mnist":
         val, tr = load_fashion_mnist(root, "test"), load_fashion_mnist(root, "train") if train else None
         num_classes, in_chans, size = 10, 1, 28

@@ -149,21 +149,56 @@ class BatchPipeline:
             x = self.erase(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        b, c, h, w = x.shape
-        dev = x.device
+    def augment_masks(self, masks: torch.Tensor, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crop and flip that ``self(images, key)`` applies to the images, applied to their masks.
+
+        Masks are moved, never resampled; the padding is background (0). Returns the masks on the
+        device and their tight boxes (``scenes.boxes_from_masks``), as segmentation and
+        localisation targets of the augmented batch.
+
+        Args:
+            masks: ``B x H x W`` label masks of the batch.
+            key: the key the images were augmented with.
+        """
+        from .scenes import boxes_from_masks  # scenes imports datasets; loader stays free of both at import
+
+        m = masks.to(self.device, non_blocking=True).unsqueeze(1)
+        if self.crop_padding or self.hflip:
+            g = torch.Generator(device=self.device).manual_seed(_key(self.seed, *key))
+            m = self._crop_flip(m, *self._crop_flip_draws(m.shape[0], g, m.device))
+        m = m.squeeze(1)
+        return m, boxes_from_masks(m)
+
+    def _crop_flip_draws(self, b: int, g: torch.Generator, dev: torch.device):
+        # Drawn first, in this order, for images and masks alike: the same key gives the same moves.
+        dy = dx = flip = None
         if self.crop_padding:
             p = self.crop_padding
-            xp = F.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev)
             dx = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=dev)
+        if self.hflip:
+            flip = torch.rand(b, generator=g, device=dev) < self.hflip
+        return dy, dx, flip
+
+    def _crop_flip(self, x: torch.Tensor, dy: torch.Tensor | None, dx: torch.Tensor | None,
+                   flip: torch.Tensor | None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        dev = x.device
+        if dy is not None:
+            p = self.crop_padding
+            xp = F.pad(x, (p, p, p, p))
             rows = (dy + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, c, h, w + 2 * p)
             x = xp.gather(2, rows)
             cols = (dx + torch.arange(w, device=dev)).view(b, 1, 1, w).expand(b, c, h, w)
             x = x.gather(3, cols)
-        if self.hflip:
-            flip = torch.rand(b, generator=g, device=dev) < self.hflip
+        if flip is not None:
             x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        return x
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, c = x.shape[:2]
+        dev = x.device
+        x = self._crop_flip(x, *self._crop_flip_draws(b, g, dev))
         if self.lighting and c == 3:
             alpha = torch.randn(b, 3, generator=g, device=dev) * self.lighting
             rgb = (alpha * _EIGVAL.to(dev)) @ _EIGVEC.to(dev).T * 255
