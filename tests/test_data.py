@@ -215,3 +215,44 @@ def test_cifar_damaged_batches(tmp_path: Path) -> None:
         tar.add(root / "cifar-10-batches-py" / "data_batch_1", arcname="cifar-10-batches-py/data_batch_1")
     with pytest.raises(DataError, match="test_batch"):
         load_cifar(tmp_path / "cifar-10-python.tar.gz", "cifar10", "test")
+
+
+# --- fashion-mnist-scenes in the batch pipeline (the data set itself: test_scenes.py) --------------------------
+
+def test_augment_masks_moves_masks_with_their_images() -> None:
+    """Crop and flip of a batch move its masks the same way; boxes follow; padding is background."""
+    from openaff.training.scenes import boxes_from_masks
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(32, 20, 20, dtype=torch.uint8)
+    for k in range(32):
+        y, x, h, w = torch.randint(0, 14, (4,), generator=g).tolist()
+        masks[k, y: y + h // 2 + 1, x: x + w // 2 + 1] = 1 + k % 10
+    images = (masks * 20).unsqueeze(1)
+    # mean 0 and std 1/255: the normalised output is the augmented image itself
+    pipe = BatchPipeline(torch.device("cpu"), (0.0,), (1 / 255,), crop_padding=3, hflip=0.5, seed=4)
+    moved, boxes = pipe.augment_masks(masks, key=(1, 2, 0))
+    shown = pipe(images, key=(1, 2, 0))[:, 0]
+    assert torch.allclose(shown, moved.float() * 20, atol=1e-3) and moved.dtype == torch.uint8
+    assert not torch.equal(moved, masks) and torch.equal(boxes, boxes_from_masks(moved))
+    assert set(torch.unique(moved).tolist()) <= set(torch.unique(masks).tolist())  # moved, never resampled
+    flipped = BatchPipeline(torch.device("cpu"), (0.0,), (1.0,), hflip=1.0).augment_masks(masks, key=(0,))[0]
+    assert torch.equal(flipped, masks.flip(2))
+    plain, plain_boxes = BatchPipeline(torch.device("cpu"), (0.0,), (1.0,)).augment_masks(masks, key=(0,))
+    assert torch.equal(plain, masks) and torch.equal(plain_boxes, boxes_from_masks(masks))
+
+
+def test_scenes_kind_defaults_to_the_debian_package(tmp_path: Path) -> None:
+    from openaff.training.datasets import DATA_KINDS, resolve_source
+
+    assert "fashion-mnist-scenes" in DATA_KINDS
+    if Path(FASHION_MNIST_DIR).is_dir():  # no --data-dir needed, as for fashion-mnist
+        assert resolve_source("fashion-mnist-scenes", None) == ("fashion-mnist-scenes", Path(FASHION_MNIST_DIR))
+    write_fashion_mnist(tmp_path, n_train=64, n_test=32)  # the scenes of any Fashion-MNIST-format folder
+    data = load_data("fashion-mnist-scenes", str(tmp_path), img_size=32)
+    assert (len(data.train), len(data.val), data.img_size) == (64, 32, 32)
+    assert data.train.__getitems__([0, 1])[0].shape == (2, 1, 32, 32)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.txt").write_text("not Fashion-MNIST")
+    with pytest.raises(DataError, match="Fashion-MNIST file t10k-images-idx3-ubyte.*not found in"):
+        load_data("fashion-mnist-scenes", str(tmp_path / "other"))

@@ -5,10 +5,13 @@ label), resized to a random square side (default 14-44 px on a 64 x 64 canvas) a
 inside the canvas at a random position, over a random grey level with pixel noise, among 2-5
 *fragments*: random crops (30-55 % of the side in each direction) of other random items of the same
 split at about the item's scale (0.8-1.25 x), which may stick out of the canvas and, in front of the
-item, cover part of it. The task is harder than Fashion-MNIST (small items, distractors made of the
-same real textures, occlusion, varying contrast) yet well defined: the scene holds exactly one
-whole item, every fragment is at most about half its size in each direction, and fragments in front
-never hide more than ``max_occlusion`` (25 %) of its foreground pixels (otherwise they all go behind).
+item, cover part of it; their cut edges fade over 3 px, so that they are not told apart from the item
+by hard rectangular edges alone. The canvas has a grey level of 0-48 and pixel noise of sigma 0-8;
+the item and each fragment have a contrast of 0.6-1. The task is harder than Fashion-MNIST (small
+items, scale and position unknown, distractors made of the same real textures, occlusion, varying
+contrast) yet well defined: the scene holds exactly one whole item, every fragment is at most about
+half its size in each direction, and fragments in front never hide more than ``max_occlusion``
+(25 %) of its foreground pixels (otherwise they all go behind).
 
 Compositing treats a Fashion-MNIST image as light on black: a pixel of resized intensity ``I`` has
 opacity ``a = min(I / 64, 1)`` and adds ``I * contrast``, so ``out = under * (1 - a) + I * contrast``
@@ -20,10 +23,13 @@ The box ``(x0, y0, x1, y1)`` is tight around the foreground with exclusive ends,
 ``mask[y0:y1, x0:x1]`` holds every foreground pixel (the continuous pixel-edge coordinates, as
 torchvision's xyxy boxes).
 
-Every random number is a hash of ``(seed, split, index, draw)``, so a scene is the same whichever
-batch, worker or process makes it; nothing is written to disk. A batch is made at once: the items
-and fragment sources of each size are resized in one ``F.interpolate`` call (antialiased), then every
-layer is placed on the canvas by two gathers, and the layers are blended as ``B x H x W`` tensors.
+Every random number is a hash of ``(seed, split, index, draw)`` (SplitMix64), so a scene is the same
+whichever batch, worker or process makes it; nothing is written to disk. A batch is made at once:
+the items and fragment sources of each size are resized in one ``F.interpolate`` call (antialiased),
+then the pixels of every layer's window, for all scenes together, are listed, looked up and blended
+onto the flat ``B x H x W`` canvases with vectorised numpy indexing (about 30 ms per 128 scenes on
+one CPU thread). The scene's own draws come before the fragments', so the same scene with
+``clutter=(0, 0)`` has the item at the same place: its mask is the unoccluded foreground.
 """
 
 from __future__ import annotations
@@ -154,7 +160,7 @@ class FashionMNISTScenes(Dataset):
             raise DataError(f"fashion-mnist-scenes needs at least two 1 x 28 x 28 items, got "
                             f"{tuple(items.images.shape)}")
         self.items = items
-        self.n = len(items)
+        self.n = self.n_items = len(items)  # scenes kept (subset) and items of the split (fragment sources)
         self.transform: SeededTransform | None = None
         self._key = int(_mix(np.array([self.seed * 2 + _SPLITS[split][1]], dtype=np.uint64))[0])
 
@@ -233,7 +239,7 @@ class FashionMNISTScenes(Dataset):
 
         # Fragment f of scene k: item src (never the scene's own), resized to fside, crop ch x cw at (py, px),
         # pasted with its top-left at (fy, fx), up to half outside the canvas.
-        src = (idx[:, None] + 1 + np.floor(fu[..., 0] * (self.n - 1)).astype(np.int64)) % self.n
+        src = (idx[:, None] + 1 + np.floor(fu[..., 0] * (self.n_items - 1)).astype(np.int64)) % self.n_items
         fside = np.clip(np.rint(side[:, None] * (0.8 + 0.45 * fu[..., 1])), 8, hi).astype(np.int64)
         ch = np.maximum(3, np.rint(fside * (0.3 + 0.25 * fu[..., 2]))).astype(np.int64)
         cw = np.maximum(3, np.rint(fside * (0.3 + 0.25 * fu[..., 3]))).astype(np.int64)
@@ -298,8 +304,9 @@ class FashionMNISTScenes(Dataset):
         labels = self.items.labels[torch.from_numpy(idx)]
         mask = np.zeros(b * hw * hw, dtype=np.uint8)
         mask[pix_item[fg]] = (labels.numpy()[k_item[fg]] + 1).astype(np.uint8)
-        # The box from the foreground pixels, scene by scene (the item's pixels are grouped by scene, and
-        # every item keeps foreground: see FashionMNISTScenes' checks).
+        # The box from the foreground pixels, scene by scene (the item's pixels come grouped by scene). Every
+        # Fashion-MNIST item has foreground at side 10 (2 pixels at least, checked on all 70k), and occlusion
+        # leaves at least half of it; an empty mask (other data in the idx format) gets the box (0, 0, 0, 0).
         k_fg, ys, xs = k_item[fg], y_item[fg], x_item[fg]
         first, end = np.searchsorted(k_fg, np.arange(b)), np.searchsorted(k_fg, np.arange(b), side="right")
         has, box = first < end, np.zeros((b, 4), dtype=np.int64)
