@@ -213,9 +213,6 @@ def test_tiny_training_run(run_dir: tuple[Path, dict]) -> None:
     assert np.isfinite(last["train_loss"]) and 0 <= last["val_top1"] <= 100
 
 
-@pytest.mark.xfail(strict=True, raises=DataError,
-                   reason="openaff eval needs evaluate._NATIVE to know fashion-mnist-scenes (1 channel, 64 px); "
-                          "remove this mark when evaluate.py has it")
 def test_eval_of_the_run_needs_no_flags(run_dir: tuple[Path, dict]) -> None:
     from openaff.training.evaluate import evaluate
 

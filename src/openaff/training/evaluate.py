@@ -40,7 +40,7 @@ from . import distributed
 from .checkpoint import atomic_write, load_weights
 from .config import make_config, parse_kv
 from .data import build_data
-from .datasets import DATA_KINDS, DATASET_STATS, check_limit, resolve_source
+from .datasets import DATA_KINDS, DATASET_STATS, SCENES_CANVAS, check_limit, resolve_source
 from .engine import evaluate as evaluate_loop
 from .errors import CheckpointError, ConfigError, DataError, run_command
 from .factory import create_model
@@ -48,7 +48,8 @@ from .factory import create_model
 __all__ = ["add_parser", "evaluate"]
 
 # Native image size and channels of the in-memory data sets (image folders: any size, RGB).
-_NATIVE = {"fashion-mnist": (28, 1), "cifar10": (32, 3), "cifar100": (32, 3)}
+_NATIVE = {"fashion-mnist": (28, 1), "fashion-mnist-scenes": (SCENES_CANVAS, 1), "cifar10": (32, 3),
+           "cifar100": (32, 3)}
 _WEIGHT_FILES = ("model.safetensors", "best.safetensors")  # hub layout first, then a run folder's
 
 
@@ -263,6 +264,12 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
                 size_how = "the model's default; the weights do not record one"
         elif rec.img_size and img_size != rec.img_size:
             notes.append(f"evaluating at {img_size} px as asked; the weights were trained at {rec.img_size} px")
+        eval_size = img_size
+    elif kind == "fashion-mnist-scenes":  # the canvas side is a setting of the scenes: the trained one by default
+        if img_size is None:
+            img_size, size_how = (rec.img_size, "from the weights") if rec.img_size else (native, "the data set's")
+        elif rec.img_size and img_size != rec.img_size:
+            notes.append(f"evaluating on {img_size} px scenes as asked; the weights were trained on {rec.img_size} px")
         eval_size = img_size
     else:
         eval_size, size_how = native, "the data set's"
