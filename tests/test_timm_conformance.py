@@ -55,12 +55,16 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _simple_jit_executor():
+def _quick_settings():
     # As timm's tests: the profiling executor's optimisation passes cost seconds per model, and
-    # numbers, not TorchScript's speed, are tested here.
+    # numbers, not TorchScript's speed, are tested here. One thread: these tiny models gain nothing
+    # from two, and on shared cores a second thread spin-waits for a busy one.
     executor = torch._C._jit_set_profiling_executor(True)
     mode = torch._C._jit_set_profiling_mode(False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     torch._C._jit_set_profiling_executor(executor)
     torch._C._jit_set_profiling_mode(mode)
 
@@ -70,20 +74,25 @@ def _size(name: str) -> int:
     return 16 if "cifar" in name else 64
 
 
+def _quick_size(name: str) -> int:
+    # For the numerical comparisons: the ImageNet models' last stage at 1x1 (the fusions of stage 3
+    # still see 2x2 maps), a quarter of the arithmetic.
+    return 16 if "cifar" in name else 32
+
+
 def _calibrate(model: nn.Module, in_chans: int, size: int) -> nn.Module:
-    """Random BatchNorm affine parameters and running statistics measured on random images, eval mode."""
+    """Random BatchNorm affine parameters, running statistics measured on a batch of random images, eval mode."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None  # cumulative average over the calibration batches
+                m.momentum = None  # the running statistics become the calibration batch's
                 if m.weight.requires_grad:  # not the frozen input BN of the pre-activation ResNet
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.uniform_(-0.2, 0.2)
             elif isinstance(m, nn.Conv2d) and m.bias is not None:
                 m.bias.uniform_(-0.1, 0.1)
         model.train()
-        for _ in range(2):
-            model(torch.randn(4, in_chans, size, size))
+        model(torch.randn(4, in_chans, size, size))
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = 0.1
@@ -95,7 +104,7 @@ def _calibrate(model: nn.Module, in_chans: int, size: int) -> nn.Module:
 def _build(name: str, kwargs: dict, dtype: torch.dtype = torch.float32, in_chans: int = 3,
            size: int | None = None, **extra) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    size = size or _size(name)
+    size = size or _quick_size(name)
     model = _calibrate(timm.create_model(name, in_chans=in_chans, **kwargs, **extra), in_chans, size)
     return model.to(dtype), torch.randn(4, in_chans, size, size, dtype=dtype)
 
@@ -117,10 +126,11 @@ def _train_step(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[tor
     return out.detach(), {n.removeprefix("net."): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _same_training(eager: nn.Module, other: nn.Module, x: torch.Tensor, rtol: float = RTOL,
+def _same_training(eager: nn.Module, others: list[nn.Module], x: torch.Tensor, rtol: float = RTOL,
                    atol: float = ATOL, grad_tol: float = 2e-2) -> None:
-    """A training step of ``other`` (scripted or traced, own copy of the weights) matches ``eager``'s:
-    outputs, every trainable parameter's gradient, and the BatchNorm statistics it updates.
+    """A training step of each of ``others`` (scripted or traced, each with its own copy of the
+    weights) matches ``eager``'s: outputs, every trainable parameter's gradient, and the BatchNorm
+    statistics it updates.
 
     Gradients are compared by norm (``|a - b| <= grad_tol * |b|``, with a floor at a thousandth of
     the whole gradient's norm, for the convolution biases before a training BatchNorm, whose
@@ -132,16 +142,17 @@ def _same_training(eager: nn.Module, other: nn.Module, x: torch.Tensor, rtol: fl
     """
     g = torch.randn(x.shape[0], eager.num_classes, dtype=x.dtype)
     out, grads = _train_step(eager, x, g)
-    out_other, grads_other = _train_step(other, x, g)
-    torch.testing.assert_close(out_other, out, rtol=rtol, atol=atol)
-    assert grads_other.keys() == grads.keys()
     floor = 1e-3 * torch.stack([grad.norm() for grad in grads.values()]).norm()
-    for n, grad in grads.items():
-        assert grads_other[n] is not None, f"no gradient for {n}"
-        assert (grads_other[n] - grad).norm() <= grad_tol * max(grad.norm(), floor), n
-    buffers = {n.removeprefix("net."): b for n, b in other.named_buffers()}
-    for n, b in eager.named_buffers():
-        torch.testing.assert_close(buffers[n], b, rtol=rtol, atol=atol, msg=n)
+    for other in others:
+        out_other, grads_other = _train_step(other, x, g)
+        torch.testing.assert_close(out_other, out, rtol=rtol, atol=atol)
+        assert grads_other.keys() == grads.keys()
+        for n, grad in grads.items():
+            assert grads_other[n] is not None, f"no gradient for {n}"
+            assert (grads_other[n] - grad).norm() <= grad_tol * max(grad.norm(), floor), n
+        buffers = {n.removeprefix("net."): b for n, b in other.named_buffers()}
+        for n, b in eager.named_buffers():
+            torch.testing.assert_close(buffers[n], b, rtol=rtol, atol=atol, msg=n)
 
 
 # --- timm's test_model_forward / test_model_backward ----------------------------------------------
@@ -178,12 +189,12 @@ def test_default_cfg(name):
     assert cfg["first_conv"] == ("conv1" if "cifar" in name else "conv1.0")
 
 
-@pytest.mark.parametrize("name", IDS)
-def test_default_cfg_names_the_model(name):
-    # What timm's test checks against the model, for the first member of every family at full size
-    # (the deeper members are the same classes; test_default_cfg checks their configurations).
-    with torch.device("meta"):  # shapes only
-        model = timm.create_model(name).eval()
+@pytest.mark.parametrize("name, kwargs", FAMILIES, ids=IDS)
+def test_default_cfg_names_the_model(name, kwargs):
+    # What timm's test checks against the model, for every family (the deeper members are the same
+    # classes with the same names; test_default_cfg checks their configurations).
+    with torch.device("meta"):  # shapes only, at the configuration's full input size
+        model = timm.create_model(name, **kwargs).eval()
         cfg = model.pretrained_cfg
         assert cfg["num_classes"] == model.num_classes
         state = model.state_dict()
@@ -229,29 +240,29 @@ def test_torchscript(name, kwargs):
     with torch.no_grad():
         want = eager(x)
         torch.testing.assert_close(scripted(x), want, rtol=RTOL, atol=ATOL)
-        buf = io.BytesIO()
-        torch.jit.save(scripted, buf)
-        buf.seek(0)
-        torch.testing.assert_close(torch.jit.load(buf)(x), want, rtol=RTOL, atol=ATOL)
-    _same_training(eager, scripted, x)
+        if name == IDS[-1]:  # once: the scripted model saves and loads (nothing of Python left in it)
+            buf = io.BytesIO()
+            torch.jit.save(scripted, buf)
+            buf.seek(0)
+            torch.testing.assert_close(torch.jit.load(buf)(x), want, rtol=RTOL, atol=ATOL)
+    _same_training(eager, [scripted], x)
 
 
 # --- timm's test_model_forward_fx / test_model_backward_fx ----------------------------------------
 
-def _timm_fx_model(model: nn.Module, train: bool) -> nn.Module:
-    """timm's test helper ``_create_fx_model``: torchvision's feature extractor with timm's tracer set-up,
-    returning the graph's output node (in training mode, the nodes the output is made of)."""
+def _timm_fx_model(model: nn.Module) -> nn.Module:
+    """timm's test helper ``_create_fx_model(model, train=True)``: torchvision's feature extractor with
+    timm's tracer set-up, returning the graph's output in evaluation mode and, in training mode, the
+    nodes the output is made of (both graphs are traced; one module serves both modes)."""
     tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
                          param_shapes_constant=True)
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    train_return, eval_return = [train_nodes[-1]], [eval_nodes[-1]]
-    if train:
-        graph = NodePathTracer(**tracer_kwargs).trace(model)
-        graph_nodes = list(reversed(graph.nodes))
-        output_names = [n.name for n in graph_nodes[0]._input_nodes]
-        node_names = [n.name for n in graph_nodes]
-        train_return = [train_nodes[-node_names.index(n)] for n in output_names]
-    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=eval_return,
+    graph = NodePathTracer(**tracer_kwargs).trace(model)
+    graph_nodes = list(reversed(graph.nodes))
+    output_names = [n.name for n in graph_nodes[0]._input_nodes]
+    node_names = [n.name for n in graph_nodes]
+    train_return = [train_nodes[-node_names.index(n)] for n in output_names]
+    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=[eval_nodes[-1]],
                                     tracer_kwargs=tracer_kwargs)
 
 
@@ -270,34 +281,31 @@ class _FirstOutput(nn.Module):
 @pytest.mark.parametrize("name, kwargs", FAMILIES, ids=IDS)
 def test_fx(name, kwargs):
     model, x = _build(name, kwargs)
-    with torch.no_grad():
-        want = model(x)
-        timm_fx = _timm_fx_model(copy.deepcopy(model).eval(), train=False)
-        torch.testing.assert_close(next(iter(timm_fx(x).values())), want, rtol=RTOL, atol=ATOL)
-    _same_training(copy.deepcopy(model),
-                   _FirstOutput(_timm_fx_model(copy.deepcopy(model).train(), train=True), model.num_classes), x)
+    timm_fx = _FirstOutput(_timm_fx_model(copy.deepcopy(model)), model.num_classes).eval()
     # Plain symbolic_trace, traced once in eval mode: the graph follows train()/eval() like the model.
     traced = torch.fx.symbolic_trace(copy.deepcopy(model))
     with torch.no_grad():
-        torch.testing.assert_close(traced(x), want, rtol=RTOL, atol=ATOL)
-    _same_training(copy.deepcopy(model), traced, x)
+        want = model(x)
+        for other in (timm_fx, traced):
+            torch.testing.assert_close(other(x), want, rtol=RTOL, atol=ATOL)
+    _same_training(copy.deepcopy(model), [timm_fx, traced], x)
     # Batch of one in training mode: the MS-CAM BatchNorms test the batch size when the graph runs.
-    traced.train()(x[:1]).sum().backward()
+    size = _size(name)  # a map larger than 1x1 everywhere: the backbone's own BatchNorms need it
+    traced.train()(torch.randn(1, 3, size, size)).sum().backward()
 
 
 @pytest.mark.parametrize("name, kwargs", [("aff_cifar_resnet8", TINY_SMALL), ("iaff_resnext50_32x4d", TINY_IMAGENET)])
 def test_formulas_match_fast_path_in_float64(name, kwargs):
     # Scripted and traced models compute the written-out formulas; in float64 they agree with the
     # eager fast path to rounding, in evaluation and in training (outputs, gradients, statistics).
-    model, x = _build(name, kwargs, dtype=torch.float64, size=16 if "cifar" in name else 32)
+    model, x = _build(name, kwargs, dtype=torch.float64)
     scripted = torch.jit.script(copy.deepcopy(model))
     traced = torch.fx.symbolic_trace(copy.deepcopy(model))
     with torch.no_grad():
         want = model(x)
         for other in (scripted, traced):
             torch.testing.assert_close(other(x), want, rtol=1e-11, atol=1e-12)
-    for other in (scripted, traced):
-        _same_training(copy.deepcopy(model), other, x, rtol=1e-10, atol=1e-12, grad_tol=1e-10)
+    _same_training(model, [scripted, traced], x, rtol=1e-10, atol=1e-12, grad_tol=1e-10)
 
 
 # --- FX feature extraction ------------------------------------------------------------------------
@@ -320,10 +328,11 @@ def _check_extractor(model: nn.Module, net: nn.Module, x: torch.Tensor) -> None:
         with torch.no_grad():
             want = model.forward_features(x)
             out = net(x)
-        torch.testing.assert_close(out["features"], want, rtol=RTOL, atol=ATOL)
+        # Unpooled feature maps: a tolerance relative to their size.
+        torch.testing.assert_close(out["features"], want, rtol=RTOL, atol=ATOL * want.abs().max().item())
         if "attention" in out:
             att = out["attention"]  # the last block's, at the resolution of the last feature map
-            assert att.shape == want.shape and 0 < att.min() <= att.max() < 1
+            assert att.shape == want.shape and 0 <= att.min() < att.max() <= 1
 
 
 @pytest.mark.parametrize("name, kwargs", FAMILIES, ids=IDS)
@@ -380,7 +389,7 @@ def test_legacy_onnx_export(name, kwargs, tmp_path):
 # --- a full registered model ----------------------------------------------------------------------
 
 def test_full_imagenet_model_scripts_and_traces():
-    model, x = _build("iaff_resnet50", {})
+    model, x = _build("iaff_resnet50", {}, size=64)
     x = x[:1]
     with torch.no_grad():
         want = model(x)

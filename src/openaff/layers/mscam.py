@@ -56,7 +56,6 @@ def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, runni
     return F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None, factor, eps)
 
 
-
 class ContextBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that stays defined when a training batch holds one value per channel.
 
