@@ -365,8 +365,9 @@ def test_torchvision_feature_extraction(name, kwargs):
 def test_legacy_onnx_export(name, kwargs, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    # Odd sizes (grey 28x28 for the small-image models) send the ceil-mode shortcut pools through.
-    in_chans, size = (1, 28) if "cifar" in name else (3, 72)
+    # Odd maps before a strided stage (72: 9 -> 5 -> 3; 30: 15 -> 8) send the ceil-mode shortcut pools
+    # through; grey images for the small-image models.
+    in_chans, size = (1, 30) if "cifar" in name else (3, 72)
     model, x = _build(name, kwargs, in_chans=in_chans, size=size)
     x = x[:2]
     path = tmp_path / "model.onnx"
@@ -401,7 +402,8 @@ def test_full_imagenet_model_scripts_and_traces():
 
 # --- the fast paths stay where they were ------------------------------------------------------------
 
-def test_eager_compile_and_export_keep_the_fast_path(monkeypatch):
+def test_eager_and_export_keep_the_fast_path(monkeypatch):
+    # torch.compile(fullgraph=True) of the fast path: tests/test_fused_ops.py.
     model, x = _build("iaff_cifar_resnet8", TINY_SMALL)
     with torch.no_grad():
         want = model(x)
@@ -415,8 +417,9 @@ def test_eager_compile_and_export_keep_the_fast_path(monkeypatch):
         monkeypatch.setattr(cls, "formula", broken)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)
-    model(x).sum().backward()  # eager training too
-    exported = torch.export.export(model.eval(), (x,))
+    model(x).sum().backward()  # evaluation with gradients
+    copy.deepcopy(model).train()(x).sum().backward()  # training
+    exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), want, rtol=RTOL, atol=ATOL)
     # The traced graph holds the formula's ops, not calls back into the modules.
     with torch.no_grad():
