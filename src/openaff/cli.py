@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "openaff.training.evaluate",
     "bench": "openaff.bench",
     "export": "openaff.export",
+    "study": "openaff.study",
 }
 
 __all__ = ["COMMANDS", "OneLineParser", "build_parser", "main", "version"]
