@@ -13,10 +13,10 @@ import pytest
 import timm
 import torch
 import yaml
+from _train_utils import write_cifar, write_fashion_mnist
 
 import openaff.study as study
 import openaff.training.train as train_mod
-from _train_utils import write_cifar, write_fashion_mnist
 from openaff.cli import main
 from openaff.layers import fusion_names
 from openaff.study import StudyError, paper_number, run_study, summarize

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fcntl
 import functools
 import io
 import json
@@ -66,6 +65,9 @@ __all__ = ["PAPER", "SCENARIOS", "TABLE_FUSIONS", "Family", "RunRecord", "Scenar
 
 class StudyError(ConfigError):
     """A bad study setting, a run folder that does not belong to the study, or a run that failed."""
+
+
+DATA_CHOICES = ("fashion-mnist", "fashion-mnist-scenes", "cifar10", "cifar100")  # what --data names
 
 
 # --- the paper's tables (AFF.md section 4): top-1 on CIFAR-100 with the 20 coarse labels; long skip: mIoU ----
@@ -157,7 +159,10 @@ class Scenario:
         metric_label: how the metric is named in tables (with its unit).
         families: ``--family`` name -> model family; the first is the default.
         unavailable: why the scenario cannot run yet (None: it can).
-        train: the function that trains one run's :class:`TrainConfig` (default: ``openaff train``'s).
+        train: the function that trains one run's :class:`TrainConfig` (default: ``openaff train``'s); it is
+            called as ``train(cfg, overwrite=...)`` or ``train(cfg, resume=folder)`` and writes the run
+            folder, metrics.csv with the ``metric`` column included.
+        data_kinds: the data sets it trains on.
     """
 
     name: str
@@ -167,6 +172,7 @@ class Scenario:
     families: dict[str, Family] = field(default_factory=dict)
     unavailable: str | None = None
     train: Callable | None = None
+    data_kinds: tuple[str, ...] = DATA_CHOICES
 
     def family(self, name: str | None) -> tuple[str, Family]:
         if not self.families:
@@ -209,7 +215,6 @@ register_scenario(Scenario("long-skip", "long skip (FPN)", metric="val_miou", me
 
 # --- settings -------------------------------------------------------------------------------------------------
 
-DATA_CHOICES = ("fashion-mnist", "fashion-mnist-scenes", "cifar10", "cifar100")
 OVERRIDES = ("epochs", "limit_train", "limit_val", "width_mult")  # study-level: part of every run's numbers
 # Differences between a run folder's config.yaml and the study's that do not change the numbers.
 _IGNORED = {"output", "recipe", *RESUMABLE}
@@ -337,7 +342,7 @@ def _fusions(fusions: str | Sequence[str] | None, table: int | None) -> list[str
     return names
 
 
-def _base_config(recipe: str, data: str | None, cifar100_labels: str | None, overrides: dict,
+def _base_config(scn: Scenario, recipe: str, data: str | None, cifar100_labels: str | None, overrides: dict,
                  threads: int | None) -> TrainConfig:
     values: dict[str, Any] = {}
     if data is not None:
@@ -356,9 +361,9 @@ def _base_config(recipe: str, data: str | None, cifar100_labels: str | None, ove
     if overrides.get("width_mult") is not None:
         base = make_config({**asdict(base), "model_kwargs": {**base.model_kwargs,
                                                              "width_mult": overrides["width_mult"]}})
-    if base.data not in DATA_CHOICES:
-        raise StudyError(f"the study trains on {', '.join(DATA_CHOICES)}; recipe {recipe} has data {base.data!r} "
-                         "(give --data)")
+    if base.data not in scn.data_kinds:
+        where = f"recipe {recipe} has data" if data is None else "not"
+        raise StudyError(f"scenario {scn.name} trains on {', '.join(scn.data_kinds)}; {where} {base.data!r}")
     if base.data.startswith("cifar") and base.data_dir is None:
         raise StudyError(f"--data {base.data} needs the folder of the CIFAR python batches: --data {base.data}:DIR")
     return base
@@ -529,12 +534,26 @@ def _child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover  (runs in the child between fork and exec)
-    # A SIGKILLed study must not leave its runs training on: they would race the restarted study's.
+@functools.cache
+def _prctl() -> Callable | None:
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the study dies (Linux), else None.
+
+    A SIGKILLed study must not leave its runs training on: they would race the restarted study's.
+    The function is looked up here, in the parent: between fork and exec the child may not import.
+    """
+    prctl = _prctl() if sys.platform == "linux" else None
+    if prctl is None:
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _spawn(cell: Cell, state: str, log: Path) -> subprocess.Popen:
@@ -551,8 +570,7 @@ def _spawn(cell: Cell, state: str, log: Path) -> subprocess.Popen:
     out.flush()
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=_child_env(threads),
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                env=_child_env(threads), preexec_fn=_die_with_parent())
     finally:
         out.close()
 
@@ -612,6 +630,8 @@ def _run_parallel(todo: list[tuple[Cell, str]], jobs: int, logs: Path, on_done: 
 
 @contextlib.contextmanager
 def _lock(folder: Path):
+    import fcntl  # POSIX; imported here so that `openaff` itself loads everywhere
+
     path = folder / ".study.lock"
     with path.open("a+") as f:
         try:
@@ -698,7 +718,7 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
     if threads is None and jobs > 1:
         threads = 1  # separate single-threaded processes: the fastest use of a small CPU
     overrides = dict(epochs=epochs, limit_train=limit_train, limit_val=limit_val, width_mult=width_mult)
-    base = _base_config(recipe, data, cifar100_labels, overrides, threads)
+    base = _base_config(scn, recipe, data, cifar100_labels, overrides, threads)
     base = replace(base, progress=False)  # one bar over the grid instead
     facts = _data_facts(base)
     settings = StudySettings(scenario, family_name, names, depth_list, seeds, table, recipe, _base_data(base))
@@ -902,9 +922,12 @@ def study_markdown(result: StudyResult, command: str) -> str:
     b = s.base
     done = sum(r.status == "finished" for r in result.runs)
     size = next((f"{c['params']:,}" for c in result.cells if c["params"]), None)
-    budget = (f"{b.get('epochs')} epochs, batch {b.get('batch_size')}, lr {b.get('lr')}, "
-              f"model_kwargs {b.get('model_kwargs')}, limit_train {b.get('limit_train')}, "
-              f"limit_val {b.get('limit_val')}")
+    lr = b.get("lr") if b.get("lr") is not None else f"{b.get('lr_base')} per {b.get('lr_base_size')} images"
+    kwargs = ", ".join(f"{k} {v}" for k, v in (b.get("model_kwargs") or {}).items())
+    images = ", ".join(f"{what} limited to {b[key]} images" for key, what in
+                       (("limit_train", "training"), ("limit_val", "validation")) if b.get(key))
+    budget = ", ".join(x for x in (f"epochs {b.get('epochs')}", f"batch {b.get('batch_size')}", f"lr {lr}", kwargs,
+                                   images) if x)
     data = b.get("data") + (f" ({b.get('cifar100_labels')} labels)" if b.get("data") == "cifar100" else "")
     out = [f"# Study: {title} on {data}", "",
            f"`{command}`", "",
@@ -918,14 +941,15 @@ def study_markdown(result: StudyResult, command: str) -> str:
     out += _grid(result, lambda c, bold: _fmt(c["final_mean"], c["final_std"], c["n"], c["planned"]), None)
     out += ["", "## Parameters and GMACs", "",
             "Trainable parameters / multiply-adds (10^9) per image at the data's input size.", ""]
-    out += _grid(result, lambda c, bold: "—" if c["params"] is None else f"{c['params']:,} / {c['gmacs']:.3f}", None)
+    out += _grid(result, lambda c, bold: "—" if c["params"] is None else f"{c['params']:,} / {c['gmacs']:.3g}", None)
     tables = sorted({c["paper_table"] for c in result.cells if c["paper_table"] is not None})
+    what = ("mIoU (%) on the authors' StopSign set (a COCO subset), 300 epochs" if s.scenario == "long-skip" else
+            "Top-1 (%) on **CIFAR-100 with its 20 coarse labels**, full-width models trained 400 epochs")
     if tables:
         out += ["", "## The paper's numbers (not comparable in absolute terms)", "",
-                f"Top-1 (%) on **CIFAR-100 with its 20 coarse labels** (long skip: mIoU on StopSign), full-width "
-                f"models trained 400 epochs; AFF.md Table {', '.join(map(str, tables))}, {s.scenario} column. "
-                f"Other data and another budget than the runs above ({size or '?'} parameters at "
-                f"b = {s.depths[0]} for {s.fusions[0]}): compare the ordering of the fusion types, not the values.", ""]
+                f"{what}; AFF.md Table {', '.join(map(str, tables))}, {s.scenario} column. Other data and another "
+                f"budget than the runs above ({size or '?'} parameters at b = {s.depths[0]} for {s.fusions[0]}): "
+                "compare the ordering of the fusion types, not the values.", ""]
         out += _grid(result, lambda c, bold: "—" if c["paper"] is None else
                      f"{100 * c['paper']:.1f}" + (f" (T{c['paper_table']})" if len(tables) > 1 else ""), None)
     return "\n".join(out) + "\n"
