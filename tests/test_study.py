@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
 import shutil
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
-from _train_utils import write_cifar, write_fashion_mnist
+from _train_utils import env, write_cifar, write_fashion_mnist
 
 import openaff.study as study
 import openaff.training.train as train_mod
@@ -267,3 +271,45 @@ def test_cifar100_defaults_to_coarse_labels(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "s" / "study.json").read_text())
     assert doc["runs"][0]["params"] == sum(p.numel() for p in timm.create_model(
         "cifar_resnet8", num_classes=20, width_mult=0.125, fusion="add").parameters() if p.requires_grad)
+
+
+def test_study_killed_outright_takes_its_runs_along_and_resumes(files, tmp_path, monkeypatch):
+    data = write_fashion_mnist(tmp_path / "fm", n_train=512, n_test=64)  # 32 steps an epoch: time to kill
+    out = tmp_path / "s"
+    argv = ["study", "--fusions", "aff", "--depths", "1", "--seeds", "1", "--data", f"fashion-mnist:{data}",
+            "--recipe", files["recipe"], "--epochs", "2", "--limit-val", "64", "--jobs", "2", "--output", str(out),
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "openaff", *argv], env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    cell = out / "runs" / "aff-b1-s0"
+    try:
+        deadline = time.monotonic() + 240
+        while not (cell / "metrics.csv").is_file():  # the first epoch's checkpoint and row are written
+            assert proc.poll() is None and time.monotonic() < deadline, "the study ended before its first epoch"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def runs_left() -> list[int]:  # the run process: its command line names the study's recipe file
+        pids = []
+        for d in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if d.name.isdigit() and str(out).encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+        return pids
+
+    deadline = time.monotonic() + 30
+    while runs_left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runs_left() == []  # the parent-death signal stopped it
+    first = metrics(cell)
+    assert len(first) == 1 and (cell / "last.pt").is_file()
+    calls = []
+    real_train = study.train
+    monkeypatch.setattr(study, "train", lambda cfg, **kw: calls.append(kw) or real_train(cfg, **kw))
+    run_study(out, fusions="aff", depths="1", seeds=1, data=f"fashion-mnist:{data}", recipe=files["recipe"],
+              epochs=2, limit_val=64, threads=1, progress=False)
+    assert calls == [dict(resume=cell)]
+    rows = metrics(cell)
+    assert len(rows) == 2 and rows[0] == first[0]
