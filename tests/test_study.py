@@ -219,7 +219,8 @@ def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys):
     assert not out.exists()  # nothing was created by a refused study
 
 
-def test_same_layer_uses_the_inception_family_or_says_it_is_missing(files, tmp_path, monkeypatch, capsys):
+def test_same_layer_uses_the_inception_family_and_a_missing_family_is_one_line(files, tmp_path, monkeypatch,
+                                                                               capsys):
     seen = []
 
     def stop(cfg, **kwargs):
@@ -230,13 +231,17 @@ def test_same_layer_uses_the_inception_family_or_says_it_is_missing(files, tmp_p
     argv = ["study", "--scenario", "same-layer", "--fusions", "aff", "--depths", "2", "--seeds", "1", "--recipe",
             files["recipe"], "--data", files["data"], "--output", str(tmp_path / "s"), "--no-progress"]
     rc, _, err = run_cli(argv, capsys)
-    assert rc == 2 and err.count("\n") == 1
-    if timm.list_models("cifar_inception_resnet*"):
-        assert "run aff-b2-s0 failed: stopped by the test" in err
-        assert seen[0].model.startswith("cifar_inception_resnet") and seen[0].model_kwargs["b"] == 2
-        assert seen[0].model_kwargs["fusion"] == "aff"
-    else:
-        assert err.startswith("openaff study: error: scenario same-layer: model family not available") and not seen
+    assert rc == 2 and err.count("\n") == 1 and "run aff-b2-s0 failed: stopped by the test" in err
+    assert (seen[0].model, seen[0].model_kwargs) == ("cifar_inception_resnet14", dict(width_mult=0.125, fusion="aff",
+                                                                                     b=2))
+    # a scenario whose model family is not registered (as same-layer was before its family landed)
+    missing = study.Scenario("same-layer", "test", families={"resnet": study.Family("no_such_net{depth}", 6, 2, "X")})
+    monkeypatch.setitem(study.SCENARIOS, "same-layer", missing)
+    argv[argv.index("--output") + 1] = str(tmp_path / "never")
+    rc, _, err = run_cli(argv, capsys)
+    assert (rc, err) == (2, "openaff study: error: scenario same-layer: model family not available (no timm model "
+                            "no_such_net* is registered in this version of openaff)\n")
+    assert len(seen) == 1 and not (tmp_path / "never").exists()
 
 
 def test_scenario_models_and_paper_numbers():
