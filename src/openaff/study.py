@@ -749,11 +749,18 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
                 except ConfigError as err:
                     raise StudyError(f"run {fusion}-b{b}-s{seed}: {one_line(err)}") from None
                 cells.append(Cell(fusion, b, seed, cfg, params, gmacs))
-    states = {c.name: _cell_state(c) for c in cells}  # refuses foreign folders before anything trains
     command = _command_line(settings, data_spec, out, overrides, cifar100_labels,
                             dict(threads=base.threads, jobs=jobs if jobs > 1 else None))
-    planned = {(c.fusion, c.depth, c.seed): (c.params, c.gmacs) for c in cells}
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    with _lock(out):
+        return _execute(out, scn, settings, cells, command, jobs, progress)
+
+
+def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell], command: str, jobs: int,
+             progress: bool) -> StudyResult:
+    """Train what the study folder lacks (under its lock), keeping the tables up to date after every run."""
+    states = {c.name: _cell_state(c) for c in cells}  # refuses foreign folders before anything trains
+    planned = {(c.fusion, c.depth, c.seed): (c.params, c.gmacs) for c in cells}
     todo = [(c, states[c.name]) for c in cells if states[c.name] != "finished"]
     say = _say(progress)
     trained: list[str] = []
@@ -763,36 +770,35 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
         _write_outputs(result, command, plot=plot)
         return replace(result, trained=list(trained))
 
-    with _lock(out):
+    def on_done(cell: Cell) -> None:
+        trained.append(cell.name)
+        bar.update(1)
+        say(_done_line(cell, scn.metric))
         write()
-        bar = _bar(len(cells), len(cells) - len(todo), progress)
-        try:
-            def on_done(cell: Cell) -> None:
-                trained.append(cell.name)
-                bar.update(1)
-                say(_done_line(cell, scn.metric))
-                write()
 
-            if jobs == 1:
-                for cell, state in todo:
-                    bar.set_postfix_str(cell.name, refresh=True)
-                    _train_in_process(cell, state, out / "logs" / f"{cell.name}.log", scn.train or train)
-                    on_done(cell)
-            else:
-                _run_parallel(todo, jobs, out / "logs", on_done)
-        except KeyboardInterrupt:
-            bar.close()
-            write()
-            stop = KeyboardInterrupt()
-            stop.add_note(f"interrupted after {len(cells) - len(todo) + len(trained)} of {len(cells)} runs; "
-                          f"continue with: {command}")
-            raise stop from None
-        except StudyError:
-            bar.close()
-            write()
-            raise
+    write()
+    bar = _bar(len(cells), len(cells) - len(todo), progress)
+    try:
+        if jobs == 1:
+            for cell, state in todo:
+                bar.set_postfix_str(cell.name, refresh=True)
+                _train_in_process(cell, state, out / "logs" / f"{cell.name}.log", scn.train or train)
+                on_done(cell)
+        else:
+            _run_parallel(todo, jobs, out / "logs", on_done)
+    except KeyboardInterrupt:
         bar.close()
-        result = write(plot=True)
+        write()
+        stop = KeyboardInterrupt()
+        stop.add_note(f"interrupted after {len(cells) - len(todo) + len(trained)} of {len(cells)} runs; "
+                      f"continue with: {command}")
+        raise stop from None
+    except StudyError:
+        bar.close()
+        write()
+        raise
+    bar.close()
+    result = write(plot=True)
     say(f"study: {sum(r.status == 'finished' for r in result.runs)} of {len(result.runs)} runs finished in {out}"
         f" ({len(trained)} trained now)\n  table: {out / 'study.md'}\n  runs:  {out / 'study.json'}, "
         f"{out / 'results.csv'}\n  plot:  {out / 'study.png'}")
