@@ -29,7 +29,8 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..layers import AddFusion, create_fusion
+from ..layers import AddFusion
+from ..layers.fusion import create_fusion, fusion_options
 from ._common import ClassifierMixin, check_image_batch, init_weights, make_stages
 
 __all__ = ["AFFCifarInceptionResNet", "DilatedPairCell", "InceptionPreActBlock"]
@@ -56,7 +57,9 @@ class DilatedPairCell(nn.Module):
         super().__init__()
         self.conv_d1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, dilation=1, bias=True)
         self.conv_d2 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=2, dilation=2, bias=True)
-        self.fusion = create_fusion(fusion, out_chs, r)
+        # The authors' same-layer version of the type; a user's type without scenarios is used as it is.
+        options = {"scenario": "same-layer"} if "scenario" in fusion_options(fusion) else {}
+        self.fusion = create_fusion(fusion, out_chs, r, **options)
         plain = isinstance(self.fusion, AddFusion)
         self.bn_d1 = nn.Identity() if plain else nn.BatchNorm2d(out_chs)
         self.bn_d2 = nn.Identity() if plain else nn.BatchNorm2d(out_chs)
