@@ -79,7 +79,8 @@ class _AttentionBlend(torch.autograd.Function):
         # body with grad mode on, where lerp(out=) raises.
         with torch.no_grad():
             w = (local + glob).sigmoid_()
-            out = torch.lerp(y, x, w, out=w)
+            # Into w's memory when it is full size; two 1 x 1 logits (an all-global MS-CAM) broadcast.
+            out = torch.lerp(y, x, w, out=w) if w.shape == x.shape else torch.lerp(y, x, w)
             if scale != 1.0:
                 out.mul_(scale)
         ctx.save_for_backward(x, y, local, glob)

@@ -27,14 +27,16 @@ ops; see :mod:`openaff.layers.tracing`), which gives the fast path's numbers up 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .fused_ops import attention_blend, fusion_recompute, recompute_context
-from .mscam import MSCAM
+from .mscam import MSCAM, ContextBatchNorm2d
 from .tracing import is_tracing
 
 __all__ = [
@@ -43,12 +45,23 @@ __all__ = [
     "MSGAU",
     "MSSA",
     "MSSE",
+    "SCENARIOS",
+    "AFFGlobalGlobal",
+    "AFFLocalLocal",
     "AddFusion",
+    "ConcatAFF",
     "ConcatFusion",
+    "HalfAFF",
+    "RecursiveAFF",
+    "check_scenario",
     "create_fusion",
     "fusion_names",
+    "fusion_options",
     "register_fusion",
 ]
+
+# The paper's three places of fusion (Table 4's column groups); every built-in fusion takes `scenario=`.
+SCENARIOS = ("short-skip", "same-layer", "long-skip")
 
 _FUSIONS: dict[str, type[nn.Module]] = {}
 
@@ -76,18 +89,55 @@ def fusion_names() -> list[str]:
     return sorted(_FUSIONS)
 
 
-def create_fusion(name: str, channels: int, r: int = 4) -> nn.Module:
+def _lookup(name: str) -> type[nn.Module]:
+    cls = _FUSIONS.get(_canonical(name)) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown fusion type {name!r}; choose one of {', '.join(fusion_names())}")
+    return cls
+
+
+def fusion_options(name: str) -> list[str]:
+    """The keyword options of fusion type ``name`` beside ``channels`` and ``r`` (e.g. ``["scenario"]``)."""
+    params = list(inspect.signature(_lookup(name).__init__).parameters.values())[1:]  # without self
+    return [p.name for p in params if p.name not in ("channels", "r")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def create_fusion(name: str, channels: int, r: int = 4, **options: Any) -> nn.Module:
     """Build a fusion module from its short name.
 
     Args:
         name: one of :func:`fusion_names` (``"add"``, ``"aff"``, ``"iaff"``, ...), case-insensitive.
         channels: channels of both inputs (and of the output).
-        r: channel reduction of the MS-CAMs inside (ignored by fusions without attention).
+        r: channel reduction of the MS-CAMs inside (ignored by fusions without a bottleneck).
+        options: the type's keyword options (:func:`fusion_options`); every built-in type takes
+            ``scenario`` (one of :data:`SCENARIOS`, default ``"short-skip"``), which selects the
+            authors' version of the module for that place of fusion.
+
+    Raises:
+        ValueError: an unknown name, an option the type does not have, or a bad option value.
     """
-    cls = _FUSIONS.get(_canonical(name)) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"unknown fusion type {name!r}; choose one of {', '.join(fusion_names())}")
-    return cls(channels, r)
+    cls = _lookup(name)
+    if options:
+        known = fusion_options(name)
+        bad = [k for k in options if k not in known]
+        if bad:
+            raise ValueError(f"fusion type {_canonical(name)!r} has no option {bad[0]!r}; its options: "
+                             f"{', '.join(known) or 'none'}")
+    return cls(channels, r, **options)
+
+
+def check_scenario(scenario: str, fusion: str = "fusion") -> str:
+    """``scenario`` in its canonical spelling (``"short-skip"``, ...), or a ValueError naming it.
+
+    Args:
+        scenario: one of :data:`SCENARIOS` (``_`` for ``-`` and any case accepted).
+        fusion: the fusion type, for the message.
+    """
+    key = scenario.lower().replace("_", "-") if isinstance(scenario, str) else None
+    if key not in SCENARIOS:
+        raise ValueError(f"{fusion}: unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    return key
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
@@ -116,14 +166,23 @@ class _AttentionFusion(nn.Module):
     training mode keep only its inputs for the backward pass and run ``_fuse`` again there.
     TorchScript, FX symbolic tracing and ``torch.jit.trace`` (legacy ONNX export) get
     :meth:`formula` instead: the same numbers from ordinary ops, no checks in Python.
+
+    Args:
+        channels: channels of both inputs.
+        r: channel reduction of the MS-CAMs.
+        scenario: one of :data:`SCENARIOS` (stored canonical as ``self.scenario``).
+        mscams: attribute names of the MS-CAMs to build.
+        mscam_options: keyword options of every :class:`MSCAM` built.
     """
 
-    def __init__(self, channels: int, r: int = 4, mscams: tuple[str, ...] = ("mscam",)) -> None:
+    def __init__(self, channels: int, r: int = 4, scenario: str = "short-skip", mscams: tuple[str, ...] = ("mscam",),
+                 **mscam_options: Any) -> None:
         super().__init__()
         self.channels = channels
+        self.scenario = check_scenario(scenario, type(self).__name__)
         self.recompute = fusion_recompute()
         for name in mscams:  # attribute names are weight names: the authors' files depend on them
-            self.add_module(name, MSCAM(channels, r))
+            self.add_module(name, MSCAM(channels, r, **mscam_options))
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -150,99 +209,307 @@ class _AttentionFusion(nn.Module):
 
 @register_fusion("add")
 class AddFusion(nn.Module):
-    """Plain addition ``x + y`` (the authors' ``DirectAddFuse``); no parameters."""
+    """Plain addition ``x + y`` (the authors' ``DirectAddFuse``) in every scenario; no parameters.
 
-    def __init__(self, channels: int, r: int = 4) -> None:
+    In the same-layer scenario the authors' cell also drops its branch BatchNorms for Add: that is the
+    model's business (:mod:`openaff.models.aff_inception`), not this module's.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: unused.
+        scenario: one of :data:`SCENARIOS`; the same module in all.
+    """
+
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
         super().__init__()
         self.channels = channels
+        self.scenario = check_scenario(scenario, "add")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y
 
 
+class _SoftSelection(_AttentionFusion):
+    """AFF and iAFF: the bottleneck MS-CAM(s) in the skip scenarios, the single-layer one in the same layer."""
+
+    _branches = ("local", "global")
+    _mscams: tuple[str, ...] = ("mscam",)
+
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
+        same = check_scenario(scenario, self.fusion_name) == "same-layer"
+        super().__init__(channels, r, scenario, self._mscams, branches=self._branches,
+                         layers="single" if same else "bottleneck")
+        self.same_layer = same
+
+
 @register_fusion("aff")
-class AFF(_AttentionFusion):
+class AFF(_SoftSelection):
     """Attentional feature fusion (the authors' ``ASKCFuse``).
 
-    ``w = M(x + y)``; ``out = 2·x·w + 2·y·(1 − w)``.
+    Short and long skip (AFF.md section 1): ``w = M(x + y)`` with the bottleneck MS-CAM;
+    ``out = 2·x·w + 2·y·(1 − w)``. The factor 2 is in the authors' code, not in the paper's
+    equation: it keeps the two weights summing to 2, like plain ``x + y``, and their trained
+    weights depend on it.
 
-    The factor 2 is in the authors' code, not in the paper's equation: it keeps the two weights
-    summing to 2, like plain ``x + y``, and their trained weights depend on it.
+    Same layer (section 4b; ``x`` the dilated branch ``Y``, ``y`` the other ``X``): the single-layer
+    attention ``w = sigmoid(L1 + G1)(x + y)`` and ``out = y·w + x·(1 − w)``, no factor 2. The weight goes
+    to ``y`` here, to ``x`` in the skip scenarios: both as in the authors' code.
 
     Args:
         channels: channels of ``x`` and ``y``.
-        r: channel reduction of the MS-CAM.
+        r: channel reduction of the MS-CAM (unused by the single-layer attention of the same layer).
+        scenario: one of :data:`SCENARIOS`.
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.same_layer:
+            return attention_blend(y, x, *self.mscam.logits(x + y), inplace=True)
         # 2·x·w + 2·y·(1 − w) = 2·lerp(y, x, w), with w = sigmoid(L + G) fused into the blend.
         return attention_blend(x, y, *self.mscam.logits(x + y), scale=2.0, inplace=True)
 
     def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``w = M(x + y)``; ``2·x·w + 2·y·(1 − w)``, written out as ``2·(y + w·(x − y))``."""
+        """``w = M(x + y)``; ``2·x·w + 2·y·(1 − w)`` (same layer: ``y·w + x·(1 − w)``), written out."""
         w = self.mscam.formula(x + y)
+        if self.same_layer:
+            return _blend(y, x, w)
         return 2 * _blend(x, y, w)
 
 
+@register_fusion("aff_global_global")
+class AFFGlobalGlobal(AFF):
+    """AFF whose MS-CAM has two global branches (paper Table 3, "Global + Global").
+
+    Short/long skip: both branches ``Gr`` (bottleneck after global pooling, own weights), factor 2, as
+    the authors' code. Same layer: the code's version is not in AFF.md; this is the same-layer AFF
+    with two single-layer global branches (``G1 + G1'``), no factor 2. The paper: the same parameter
+    count as AFF. Weights: ``mscam.global_att``, ``mscam.global_att2``.
+    """
+
+    _branches = ("global", "global")
+
+
+@register_fusion("aff_local_local")
+class AFFLocalLocal(AFF):
+    """AFF whose MS-CAM has two local branches (paper Table 3, "Local + Local").
+
+    Short/long skip: both branches ``Lr`` (pointwise bottleneck, own weights), factor 2, as the authors'
+    code. Same layer: the code's version is not in AFF.md; this is the same-layer AFF with two
+    single-layer local branches (``L1 + L1'``), no factor 2. Weights: ``mscam.local_att``,
+    ``mscam.local_att2``.
+    """
+
+    _branches = ("local", "local")
+
+
 @register_fusion("iaff")
-class IAFF(_AttentionFusion):
+class IAFF(_SoftSelection):
     """Iterative attentional feature fusion (the authors' ``ResGlobLocaforGlobLocaChaFuse``).
 
-    ``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``out = x·w2 + y·(1 − w2)``,
-    with two independent MS-CAMs and no factor 2.
+    Short and long skip: ``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``;
+    ``out = x·w2 + y·(1 − w2)``, with two independent bottleneck MS-CAMs and no factor 2.
+
+    Same layer (section 4b): two stages of the same-layer AFF, each with its own single-layer
+    attention: ``w1 = sigmoid(L1 + G1)(x + y)``; ``z = y·w1 + x·(1 − w1)``; ``w2 = sigmoid(L1' + G1')(z)``;
+    ``out = y·w2 + x·(1 − w2)``.
 
     Args:
         channels: channels of ``x`` and ``y``.
-        r: channel reduction of both MS-CAMs.
+        r: channel reduction of both MS-CAMs (unused by the same layer's single-layer attention).
+        scenario: one of :data:`SCENARIOS`.
     """
 
-    def __init__(self, channels: int, r: int = 4) -> None:
-        super().__init__(channels, r, ("mscam1", "mscam2"))
+    _mscams = ("mscam1", "mscam2")
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.same_layer:
+            x, y = y, x  # the weights go to the undilated input
         z = attention_blend(x, y, *self.mscam1.logits(x + y), inplace=True)
         return attention_blend(x, y, *self.mscam2.logits(z), inplace=True)
 
     def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``x·w2 + y·(1 − w2)``, written out."""
+        """``w1 = M1(x + y)``; ``z = x·w1 + y·(1 − w1)``; ``w2 = M2(z)``; ``x·w2 + y·(1 − w2)``, written out
+        (same layer: ``x`` and ``y`` exchanged)."""
+        if self.same_layer:
+            x, y = y, x
         z = _blend(x, y, self.mscam1.formula(x + y))
         return _blend(x, y, self.mscam2.formula(z))
 
 
 @register_fusion("concat")
 class ConcatFusion(nn.Module):
-    """``Conv1x1([x, y])`` back to ``channels`` (paper Table 1, "Concatenation"); conv with bias."""
+    """Concatenation (paper Table 1): ``Conv1x1(2C -> C, bias)`` of ``cat[x, y]``, as the authors' code.
 
-    def __init__(self, channels: int, r: int = 4) -> None:
+    Short and long skip: ``BN(cat[x, y])`` first (the authors' code); same layer: no BatchNorm. The paper
+    writes ``Conv1x1([X, Y])`` without one (``norm=False``). Weights: ``proj.0`` (the BN) and ``proj.1`` (the
+    conv), or ``proj.0`` (the conv) without the BN.
+
+    Args:
+        channels: channels of ``x`` and ``y`` (and of the output).
+        r: unused.
+        scenario: one of :data:`SCENARIOS`.
+        norm: BatchNorm on the concatenation or not; None: the authors' choice for ``scenario``.
+    """
+
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", norm: bool | None = None) -> None:
         super().__init__()
         self.channels = channels
-        self.conv = nn.Conv2d(2 * channels, channels, 1, bias=True)
+        self.scenario = check_scenario(scenario, "concat")
+        if norm is None:
+            norm = self.scenario != "same-layer"
+        elif not isinstance(norm, bool):
+            raise ValueError(f"concat: norm must be True, False or None, got {norm!r}")
+        layers: list[nn.Module] = [ContextBatchNorm2d(2 * channels)] if norm else []
+        self.proj = nn.Sequential(*layers, nn.Conv2d(2 * channels, channels, 1, bias=True))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not is_tracing():
             _check_pair(x, y, self.channels)
-        return self.conv(torch.cat([x, y], dim=1))
+        return self.proj(torch.cat([x, y], dim=1))
+
+
+class _ModulationFusion(_AttentionFusion):
+    """MS-SE / MS-GAU / MS-SA: one attention, the study code's single-layer ``sigmoid(L1 + G1)`` by default."""
+
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", bottleneck: bool = False) -> None:
+        if not isinstance(bottleneck, bool):
+            raise ValueError(f"{self.fusion_name}: bottleneck must be True or False, got {bottleneck!r}")
+        super().__init__(channels, r, scenario, layers="bottleneck" if bottleneck else "single")
 
 
 @register_fusion("ms_se")
-class MSSE(_AttentionFusion):
-    """Refinement, SENet-like (paper's MS-SE): ``y + M(x)·x``."""
+class MSSE(_ModulationFusion):
+    """Refinement, SENet-like (MS-SE): ``y + M(x)·x`` (AFF.md 4b: ``X + M(Y)·Y``), in every scenario.
+
+    ``M`` is the authors' code's single-layer attention ``sigmoid(L1 + G1)`` (``Conv1x1(C->C)-BN``
+    branches, no ``r``). The paper's version, a bottleneck MS-CAM with r = 2: ``bottleneck=True, r=2``.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction, with ``bottleneck=True`` only.
+        scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
+        bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
+    """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(y, self.mscam(x), x)
 
 
 @register_fusion("ms_gau")
-class MSGAU(_AttentionFusion):
-    """Modulation, GAU-like (paper's MS-GAU): ``M(x)·y + x``."""
+class MSGAU(_ModulationFusion):
+    """Modulation, GAU-like (MS-GAU): ``M(x)·y + x`` (AFF.md 4b: ``M(Y)·X + Y``), in every scenario.
+
+    ``M`` is the authors' code's single-layer attention ``sigmoid(L1 + G1)``. The paper's version, a
+    bottleneck MS-CAM with r = 2: ``bottleneck=True, r=2``.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction, with ``bottleneck=True`` only.
+        scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
+        bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
+    """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(x, self.mscam(x), y)
 
 
 @register_fusion("ms_sa")
-class MSSA(_AttentionFusion):
-    """Modulation, fully context-aware (paper's MS-SA): ``M(x + y)·y + x``."""
+class MSSA(_ModulationFusion):
+    """Modulation, fully context-aware (MS-SA): ``M(x + y)·y + x`` (AFF.md 4b: ``M(Y + X)·X + Y``).
+
+    ``M`` is the authors' code's single-layer attention ``sigmoid(L1 + G1)``, in every scenario. The
+    paper's version, a bottleneck MS-CAM with r = 2: ``bottleneck=True, r=2``.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction, with ``bottleneck=True`` only.
+        scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
+        bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
+    """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(x, self.mscam(x + y), y)
+
+
+class _ShortSkipVariant(_AttentionFusion):
+    """The Table 6 variants: short skip in the authors' code; other scenarios build the same module."""
+
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
+        super().__init__(channels, r, scenario, **self._mscam_options())
+
+    @staticmethod
+    def _mscam_options() -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 2 * _blend(x, y, self.mscam(x + y))
+
+
+@register_fusion("half_aff")
+class HalfAFF(_ShortSkipVariant):
+    """Half-AFF (paper Table 6): AFF whose attention concatenates half branches.
+
+    ``w = sigmoid(BN(Conv1x1(2C/r -> C)(cat[l, g])))`` with ``l = ReLU(BN(Conv1x1(C -> C/r)(x + y)))`` and
+    ``g`` the same after global pooling (own weights, broadcast over ``H x W``); ``out = 2·x·w + 2·y·(1 − w)``
+    (AFF.md 4b, the authors' code). The paper's text only says "weight only one input". Table 6 is
+    short skip only: every scenario builds this module.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction of the halves.
+        scenario: one of :data:`SCENARIOS`.
+    """
+
+    @staticmethod
+    def _mscam_options() -> dict[str, Any]:
+        return dict(layers="half", combine="concat")
+
+
+@register_fusion("concat_aff")
+class ConcatAFF(_ShortSkipVariant):
+    """Concat-AFF (paper Table 6): AFF whose attention concatenates its two full branches.
+
+    ``w = sigmoid(BN(Conv1x1(2C -> C)(cat[ReLU(Lr(x + y)), ReLU(Gr(x + y))])))``, ``Gr`` broadcast over
+    ``H x W``; ``out = 2·x·w + 2·y·(1 − w)`` (AFF.md 4b, the authors' code; the paper: "concatenation as the
+    initial integration"). Table 6 is short skip only: every scenario builds this module.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction of both bottleneck branches.
+        scenario: one of :data:`SCENARIOS`.
+    """
+
+    @staticmethod
+    def _mscam_options() -> dict[str, Any]:
+        return dict(layers="bottleneck", combine="concat")
+
+
+@register_fusion("recursive_aff")
+class RecursiveAFF(_AttentionFusion):
+    """Recursive AFF (paper Table 6): a second MS-CAM selects between the first one's two branches.
+
+    ``l, g = Lr(x + y), Gr(x + y)`` (the first MS-CAM's logits); ``w2 = M2(l + g)``;
+    ``w = sigmoid(l·w2 + g·(1 − w2))``; ``out = x·w + y·(1 − w)``, no factor 2 (AFF.md 4b, the authors'
+    code; the paper: "apply AFF recursively as the initial integration"). Table 6 is short skip only:
+    every scenario builds this module.
+
+    Args:
+        channels: channels of ``x`` and ``y``.
+        r: channel reduction of both MS-CAMs.
+        scenario: one of :data:`SCENARIOS`.
+    """
+
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
+        super().__init__(channels, r, scenario, ("mscam1", "mscam2"))
+
+    def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loc, glob = self.mscam1.logits(x + y)
+        w2 = self.mscam2(loc + glob)
+        # sigmoid(l·w2 + g·(1 − w2)) = sigmoid(w2·(l − g) + g): the fused blend's two logits.
+        return attention_blend(x, y, w2 * (loc - glob), glob, inplace=True)
+
+    def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``l, g = Lr(x + y), Gr(x + y)``; ``w2 = M2(l + g)``; ``w = sigmoid(l·w2 + g·(1 − w2))``;
+        ``x·w + y·(1 − w)``, written out."""
+        loc, glob = self.mscam1.branch_logits(x + y)
+        w2 = self.mscam2.formula(loc + glob)
+        return _blend(x, y, torch.sigmoid(loc * w2 + glob * (1 - w2)))

@@ -26,7 +26,7 @@ from .bn_fold import bn_scale_shift
 from .fused_ops import attention_weight, is_recomputing
 from .tracing import is_tracing
 
-__all__ = ["MSCAM", "ContextBatchNorm2d", "context_batch_norm"]
+__all__ = ["BRANCH_KINDS", "COMBINES", "LAYER_FORMS", "MSCAM", "ContextBatchNorm2d", "context_batch_norm"]
 
 
 def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -94,15 +94,23 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
                                   self.weight, self.bias, self.training, self.momentum, self.eps)
 
 
-def _context_branch(channels: int, inter: int, pool: bool) -> nn.Sequential:
+def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottleneck", relu_out: bool = False
+                    ) -> nn.Sequential:
+    """One context branch: ``[GAP] -> Conv1x1 -> BN [-> ReLU -> Conv1x1 -> BN] [-> ReLU]``.
+
+    ``form`` "bottleneck" is §1's ``C -> C/r -> C`` stack, "single" the study code's ``Conv1x1(C -> C) -> BN``,
+    "half" the first half of the bottleneck (``C -> C/r``, ending in its ReLU). ``relu_out`` appends a ReLU
+    (the branches of a concatenating MS-CAM). The Sequential indices are the authors' weight names.
+    """
     layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if pool else []
-    layers += [
-        nn.Conv2d(channels, inter, 1, bias=True),
-        ContextBatchNorm2d(inter),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(inter, channels, 1, bias=True),
-        ContextBatchNorm2d(channels),
-    ]
+    if form == "single":
+        layers += [nn.Conv2d(channels, channels, 1, bias=True), ContextBatchNorm2d(channels)]
+    else:
+        layers += [nn.Conv2d(channels, inter, 1, bias=True), ContextBatchNorm2d(inter), nn.ReLU(inplace=True)]
+        if form == "bottleneck":
+            layers += [nn.Conv2d(inter, channels, 1, bias=True), ContextBatchNorm2d(channels)]
+    if relu_out and form != "half":
+        layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
@@ -153,42 +161,107 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
     return x[:, :, None, None] if pooled else x
 
 
+BRANCH_KINDS = ("local", "global")
+LAYER_FORMS = ("bottleneck", "single", "half")
+COMBINES = ("add", "concat")
+
+
 class MSCAM(nn.Module):
     """Multi-scale channel attention: returns the fusion weight ``M(x)`` in ``(0, 1)``.
+
+    The default is AFF.md section 1's MS-CAM, ``sigmoid(L(x) + G(x))`` with bottleneck branches. The
+    options build the attentions of the paper's study as the authors' study code has them (section 4b):
+
+    * ``branches``: the kinds of the two branches, ``"local"`` (every pixel) or ``"global"`` (after global
+      average pooling). ``("global", "global")`` and ``("local", "local")`` are Table 3's context ablations.
+    * ``layers``: ``"bottleneck"`` (``Conv1x1(C->C/r)-BN-ReLU-Conv1x1(C/r->C)-BN``, section 1's ``Lr``/``Gr``),
+      ``"single"`` (``Conv1x1(C->C)-BN``, the code's ``L1``/``G1`` of MS-GAU/SE/SA and the same-layer AFF;
+      no ``r``), ``"half"`` (``Conv1x1(C->C/r)-BN-ReLU``, Half-AFF's halves; needs ``combine="concat"``).
+    * ``combine``: ``"add"``, ``sigmoid(A + B)``; ``"concat"``, ``sigmoid(BN(Conv1x1(cat[A, B])))`` with
+      each branch ending in a ReLU and the global one broadcast over ``H x W`` (Half-AFF, Concat-AFF).
+
+    :meth:`forward` and :meth:`formula` give the weight; :meth:`logits` (fast) and :meth:`branch_logits`
+    (written out) give the two branch outputs before the sigmoid, which the AFF family blends with
+    the fused ops and recursive AFF uses as such.
+
+    Weight names: ``local_att`` and ``global_att`` (the authors' names); two branches of one kind are
+    ``local_att`` and ``local_att2`` (or ``global_att`` and ``global_att2``); the concatenating
+    projection is ``fuse_att``.
 
     Args:
         channels: number of input (and output) channels ``C``.
         r: channel reduction of the bottleneck, ``C // r`` inner channels (at least 1).
+        branches: kinds of the two branches, each ``"local"`` or ``"global"`` (order does not matter).
+        layers: ``"bottleneck"``, ``"single"`` or ``"half"``, as above.
+        combine: ``"add"`` or ``"concat"``, as above.
     """
 
-    def __init__(self, channels: int, r: int = 4) -> None:
+    def __init__(self, channels: int, r: int = 4, *, branches: tuple[str, str] = ("local", "global"),
+                 layers: str = "bottleneck", combine: str = "add") -> None:
         super().__init__()
         if channels < 1 or r < 1:
             raise ValueError(f"MSCAM needs channels >= 1 and r >= 1, got channels={channels}, r={r}")
+        if isinstance(branches, str) or len(branches) != 2 or any(b not in BRANCH_KINDS for b in branches):
+            raise ValueError(f"MSCAM branches must be two of {BRANCH_KINDS}, got {branches!r}")
+        if layers not in LAYER_FORMS:
+            raise ValueError(f"MSCAM layers must be one of {', '.join(LAYER_FORMS)}, got {layers!r}")
+        if combine not in COMBINES:
+            raise ValueError(f"MSCAM combine must be one of {', '.join(COMBINES)}, got {combine!r}")
+        if layers == "half" and combine != "concat":
+            raise ValueError("MSCAM layers='half' ends in C/r channels and needs combine='concat'")
         self.channels = channels
         self.r = r
+        kinds = tuple(sorted(branches, key=BRANCH_KINDS.index))  # a local branch first: it sets H x W
+        self.branches = kinds
+        self.layers = layers
+        self.combine = combine
         inter = max(channels // r, 1)
-        self.local_att = _context_branch(channels, inter, pool=False)
-        self.global_att = _context_branch(channels, inter, pool=True)
+        names = (f"{kinds[0]}_att", f"{kinds[1]}_att" + ("2" if kinds[0] == kinds[1] else ""))
+        for name, kind in zip(names, kinds, strict=True):
+            self.add_module(name, _context_branch(channels, inter, kind == "global", layers, combine == "concat"))
+        # Read by logits() on every pass: the module dict directly, not nn.Module.__getattr__.
+        self._first, self._second = names
+        if combine == "concat":
+            width = 2 * (inter if layers == "half" else channels)
+            self.fuse_att = nn.Sequential(nn.Conv2d(width, channels, 1, bias=True), ContextBatchNorm2d(channels))
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two branches before the sigmoid: ``(L(x), G(x))``, ``B x C x H x W`` and ``B x C x 1 x 1``.
+        """The two branch outputs before the sigmoid, e.g. ``(L(x), G(x))``: ``B x C x H x W`` or ``B x C x 1 x 1``.
 
-        ``M(x) = sigmoid(L(x) + G(x))``; the fusion modules fuse that sum and sigmoid into their blend.
+        With ``combine="add"``, ``M(x) = sigmoid(sum)``; the fusion modules fuse that sum and sigmoid into
+        their blend. In evaluation without autograd the branches' BatchNorms are folded on the fly.
         """
+        first, second = self._modules[self._first], self._modules[self._second]
         if not torch.is_grad_enabled():
-            local = None if self.local_att.training else _branch_eval(self.local_att, x)
-            glob = None if self.global_att.training else _branch_eval(self.global_att, x)
-            return (self.local_att(x) if local is None else local,
-                    self.global_att(x) if glob is None else glob)
+            a = None if first.training else _branch_eval(first, x)
+            b = None if second.training else _branch_eval(second, x)
+            return first(x) if a is None else a, second(x) if b is None else b
+        return first(x), second(x)
+
+    def branch_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`logits` written out (what scripted and traced models compute)."""
+        # hasattr on a module is resolved when TorchScript compiles, so only the branch that exists is compiled.
+        if hasattr(self, "local_att2"):
+            return self.local_att(x), self.local_att2(x)
+        if hasattr(self, "global_att2"):
+            return self.global_att(x), self.global_att2(x)
         return self.local_att(x), self.global_att(x)
 
     def formula(self, x: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(L(x) + G(x))`` written out: what scripted and traced models compute."""
-        return torch.sigmoid(self.local_att(x) + self.global_att(x))
+        """``sigmoid(A(x) + B(x))`` (or the concatenating form) written out: what scripted and traced models compute."""
+        a, b = self.branch_logits(x)
+        if hasattr(self, "fuse_att"):
+            return torch.sigmoid(self.fuse_att(torch.cat([a, b.expand_as(a)], 1)))
+        return torch.sigmoid(a + b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or is_tracing():
             return self.formula(x)
         else:
-            return attention_weight(*self.logits(x))
+            if self.combine == "add":
+                return attention_weight(*self.logits(x))
+            a, b = self.logits(x)
+            z = torch.cat([a, b.expand_as(a)], 1)
+            proj = self.fuse_att
+            folded = None if proj.training or torch.is_grad_enabled() else _branch_eval(proj, z)
+            return torch.sigmoid(proj(z) if folded is None else folded)
