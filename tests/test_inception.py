@@ -2,6 +2,7 @@
 timm's API, scripting, FX and bad arguments (AFF.md §3 and §4b, "Same layer")."""
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -12,7 +13,8 @@ from test_timm_conformance import ATOL, RTOL, _build, _FirstOutput, _same_traini
 from torch import nn
 
 from openaff.info import model_info
-from openaff.layers import create_fusion, fusion_names
+from openaff.layers import create_fusion, fusion_names, register_fusion
+from openaff.layers.fusion import _FUSIONS as fusion_registry
 from openaff.models.aff_inception import DilatedPairCell, InceptionPreActBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning")
@@ -220,6 +222,25 @@ def test_every_fusion_type_trains(fusion):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_users_fusion_without_scenarios_is_used_as_it_is():
+    @register_fusion("test_inception_max")
+    class MaxFusion(nn.Module):
+        def __init__(self, channels: int, r: int = 4) -> None:
+            super().__init__()
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.maximum(x, y)
+
+    try:
+        model = timm.create_model("cifar_inception_resnet8", fusion="test_inception_max", **TINY).eval()
+        assert all(isinstance(c.fusion, MaxFusion) for _, c in _cells(model))
+        cell, x = model.layer1[0].conv2, torch.randn(2, 16, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(cell(x), torch.maximum(cell.bn_d2(cell.conv_d2(x)), cell.bn_d1(cell.conv_d1(x))))
+    finally:
+        fusion_registry.pop("test_inception_max")  # other tests list the registered types
+
+
 # --- timm's API -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("in_chans, size", [(3, 32), (1, 28), (3, 64)])
@@ -327,8 +348,12 @@ def test_legacy_onnx_export(tmp_path):
     # Grey 30x30 images: 15 -> 8 sends the ceil-mode shortcut pool and the strided cells through odd maps.
     model, x = _build("aff_cifar_inception_resnet8", TINY, in_chans=1, size=30)
     path = tmp_path / "model.onnx"
-    torch.onnx.export(model, (x[:2],), path, dynamo=False, opset_version=17, input_names=["images"],
-                      output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.onnx.export(model, (x[:2],), path, dynamo=False, opset_version=17, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    tracer_warnings = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not tracer_warnings, tracer_warnings  # nothing frozen into the graph from the example input
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = model(x)

@@ -294,7 +294,8 @@ def test_fx(name, kwargs):
     traced.train()(torch.randn(1, 3, size, size)).sum().backward()
 
 
-@pytest.mark.parametrize("name, kwargs", [("aff_cifar_resnet8", TINY_SMALL), ("iaff_resnext50_32x4d", TINY_IMAGENET)])
+@pytest.mark.parametrize("name, kwargs", [("aff_cifar_resnet8", TINY_SMALL), ("iaff_resnext50_32x4d", TINY_IMAGENET),
+                                          ("iaff_cifar_inception_resnet8", TINY_SMALL)])
 def test_formulas_match_fast_path_in_float64(name, kwargs):
     # Scripted and traced models compute the written-out formulas; in float64 they agree with the
     # eager fast path to rounding, in evaluation and in training (outputs, gradients, statistics).
@@ -352,7 +353,8 @@ def test_fx_feature_extraction(name, kwargs):
     _check_extractor(model, timm.models.create_feature_extractor(copy.deepcopy(model), _return_nodes(model)), x)
 
 
-@pytest.mark.parametrize("name, kwargs", [("iaff_resnet50", TINY_IMAGENET), ("aff_cifar_resnext11_32x4d", TINY_SMALL)])
+@pytest.mark.parametrize("name, kwargs", [("iaff_resnet50", TINY_IMAGENET), ("aff_cifar_resnext11_32x4d", TINY_SMALL),
+                                          ("aff_cifar_inception_resnet8", TINY_SMALL)])
 def test_torchvision_feature_extraction(name, kwargs):
     # Without timm's tracer settings: every module that is not PyTorch's own is traced through.
     model, x = _build(name, kwargs)
