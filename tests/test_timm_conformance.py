@@ -36,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` i
 TINY_IMAGENET = dict(layers=(1, 1, 1, 1))
 TINY_SMALL = dict(width_mult=0.25)
 # Every family: ImageNet ResNet-D / ResNeXt-D with AFF and iAFF, small-image pre-activation ResNet and
-# ResNeXt with AFF, iAFF and plain addition.
+# ResNeXt with AFF, iAFF and plain addition, the same-layer (Inception-style) pre-activation ResNet.
 FAMILIES = [
     ("aff_resnet50", TINY_IMAGENET),
     ("iaff_resnet50", TINY_IMAGENET),
@@ -48,6 +48,9 @@ FAMILIES = [
     ("aff_cifar_resnext11_32x4d", TINY_SMALL),
     ("iaff_cifar_resnext11_32x4d", TINY_SMALL),
     ("cifar_resnext11_32x4d", TINY_SMALL),
+    ("aff_cifar_inception_resnet8", TINY_SMALL),
+    ("iaff_cifar_inception_resnet8", TINY_SMALL),
+    ("cifar_inception_resnet8", TINY_SMALL),
 ]
 IDS = [name for name, _ in FAMILIES]
 # float32 agreement of a scripted / traced / exported model with the eager one.
@@ -170,7 +173,8 @@ def test_forward_backward(name, kwargs):
     assert out.shape == (2, 42) and not torch.isnan(out).any()
     # timm asks every parameter for a gradient; the pre-activation ResNet's input BN is frozen on
     # purpose (the authors' scale=False, center=False), and is the only exception.
-    frozen = {"input_norm.weight", "input_norm.bias"} if "cifar_resnet" in name else set()
+    frozen = {"input_norm.weight", "input_norm.bias"} if ("cifar_resnet" in name or "cifar_inception" in name) \
+        else set()
     assert _frozen(model) == frozen
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing}"
@@ -186,7 +190,10 @@ def test_default_cfg(name):
     assert 0 < cfg["crop_pct"] <= 1 and cfg["interpolation"] in ("bilinear", "bicubic")
     assert cfg["pool_size"] == ((h // 32, w // 32) if "cifar" not in name else (h // 4, w // 4))
     assert cfg["classifier"] == "fc"
-    assert cfg["first_conv"] == ("conv1" if "cifar" in name else "conv1.0")
+    # The same-layer family's stem is a cell of two convolutions, both seeing the image.
+    expected = ("conv1" if "cifar" in name else "conv1.0") if "inception" not in name \
+        else ("conv1.conv_d1", "conv1.conv_d2")
+    assert cfg["first_conv"] == expected
 
 
 @pytest.mark.parametrize("name, kwargs", FAMILIES, ids=IDS)
@@ -201,9 +208,10 @@ def test_default_cfg_names_the_model(name, kwargs):
         # The classifier name points at the head, first_conv at the convolution that sees the image.
         assert cfg["classifier"] + ".weight" in state
         assert model.get_classifier() is model.get_submodule(cfg["classifier"])
-        assert cfg["first_conv"] + ".weight" in state
-        first = model.get_submodule(cfg["first_conv"])
-        assert isinstance(first, nn.Conv2d) and first.in_channels == cfg["input_size"][0]
+        for conv in (cfg["first_conv"],) if isinstance(cfg["first_conv"], str) else cfg["first_conv"]:
+            assert conv + ".weight" in state
+            first = model.get_submodule(conv)
+            assert isinstance(first, nn.Conv2d) and first.in_channels == cfg["input_size"][0]
         x = torch.empty(1, *cfg["input_size"])
         assert model.forward_features(x).shape[-2:] == cfg["pool_size"]
         model.reset_classifier(0)

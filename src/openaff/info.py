@@ -32,7 +32,7 @@ class ModelInfo:
 
 def list_openaff_models(pattern: str = "*") -> list[str]:
     """Names of the models this package registers with timm (filtered by a shell-style ``pattern``)."""
-    ours = set(timm.list_models(module=["aff_resnet", "aff_cifar"]))
+    ours = set(timm.list_models(module=["aff_resnet", "aff_cifar", "aff_inception"]))
     return [n for n in timm.list_models(pattern) if n in ours]
 
 
