@@ -1,6 +1,7 @@
 """The fused fusion ops and the recompute mode against the straightforward formulas (AFF.md section 1)."""
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -87,6 +88,21 @@ def test_blend_gradcheck_float64(scale):
     assert torch.autograd.gradcheck(lambda *t: attention_blend(*t, scale=scale), inputs)
     # The backward is made of differentiable ops, so second derivatives work as well.
     assert torch.autograd.gradgradcheck(lambda *t: attention_blend(*t, scale=scale), inputs)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_blend_with_two_global_logits_broadcasts(grad):
+    # An all-global MS-CAM (aff_global_global) gives two B x C x 1 x 1 logits: the weight broadcasts,
+    # with no resized output buffer (a warning, and deprecated) on either path.
+    x, y = (torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=grad) for _ in range(2))
+    a, g = (torch.randn(2, 4, 1, 1, dtype=torch.float64, requires_grad=grad) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = attention_blend(x, y, a, g, 2.0, inplace=True)
+    w = torch.sigmoid(a + g)
+    torch.testing.assert_close(out, 2 * x * w + 2 * y * (1 - w), rtol=1e-14, atol=1e-14)
+    if grad:
+        assert torch.autograd.gradcheck(lambda *t: attention_blend(*t, scale=2.0), (x, y, a, g))
 
 
 def test_blend_partial_requires_grad():
