@@ -10,8 +10,21 @@ The paper writes its equations with the identity as ``X`` and the residual as ``
 authors' block code passes the residual first. The two differ only in which input receives
 ``w`` and which ``1 - w``; we follow the code, so converted weights compute what they did.
 
-Adding a fusion type takes a class with ``__init__(self, channels, r)`` and ``forward(x, y)``
-decorated with ``@register_fusion("name")``; every model family picks it up by name.
+The zoo is the paper's study as the authors' study code computed it (AFF.md section 4b; each
+class's docstring names the paper's version where it differs): ``add``, ``concat``, ``ms_gau``,
+``ms_se``, ``ms_sa`` (Table 4 with ``aff``, ``iaff``), ``aff_global_global``, ``aff_local_local``
+(Table 3), ``half_aff``, ``concat_aff``, ``recursive_aff`` (Table 6). All their attentions are one
+:class:`~openaff.layers.mscam.MSCAM` with options.
+
+Scenarios: every built-in type takes ``scenario=`` (:data:`SCENARIOS`, through
+``create_fusion(name, channels, r, scenario=...)``), the authors' version for that place of fusion.
+``"short-skip"`` (default) and ``"long-skip"`` build the same modules; ``"same-layer"`` (two parallel
+convolutions, ``x`` the dilated one) gives AFF/iAFF the single-layer attention, no factor 2 and the
+weight on ``y``, and Concat no BatchNorm; the other types are the same in every scenario.
+
+Adding a fusion type takes a class with ``__init__(self, channels, r)`` (and keyword options,
+``scenario`` among them to be usable in every model family) and ``forward(x, y)`` decorated with
+``@register_fusion("name")``; every model family picks it up by name.
 
 Speed and memory: AFF and iAFF blend with the fused ops of :mod:`openaff.layers.fused_ops`
 (``2·lerp(y, x, sigmoid(L + G))`` in one buffer; the backward pass keeps ``x``, ``y`` and the two

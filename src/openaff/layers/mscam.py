@@ -8,6 +8,12 @@ broadcasts over ``H x W``.
 The ``nn.Sequential`` indices of the two branches follow the authors' Gluon code
 (``local_att.0/1/3/4``, ``global_att.1/2/4/5``) so that their weight files map one to one.
 
+Options build every attention of the paper's study (AFF.md section 4b) from this one class: the
+branch kinds (two global or two local branches), single-layer ``Conv1x1(C->C)-BN`` branches (the
+study code's MS-GAU/SE/SA and same-layer AFF), the half branches of Half-AFF and a concatenating
+combination (Half-AFF, Concat-AFF); :meth:`MSCAM.logits` gives the branch outputs before the
+sigmoid (recursive AFF).
+
 Speed: the fusion modules call :meth:`MSCAM.logits` and blend with the fused ops of
 :mod:`openaff.layers.fused_ops`, so the sigmoid and the blend never materialise term by term;
 :func:`openaff.inference.fuse_for_inference` folds the branches' BatchNorms into their convolutions.
