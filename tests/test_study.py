@@ -66,7 +66,7 @@ def test_table_is_mean_and_std_over_the_runs_metrics(grid):
     out = grid.output
     doc = json.loads((out / "study.json").read_text())
     assert len(doc["runs"]) == 4 and {r["status"] for r in doc["runs"]} == {"finished"}
-    md = (out / "study.md").read_text()
+    md = (out / "table.md").read_text()
     means = {}
     for fusion in ("add", "aff"):
         runs = [r for r in doc["runs"] if r["fusion"] == fusion]
@@ -118,10 +118,10 @@ def test_rerun_trains_nothing_and_summarize_reaggregates(grid, files, monkeypatc
     again = run_study(out, fusions="add,aff", depths="1", seeds=2, data=files["data"], recipe=files["recipe"], **TINY)
     assert again.trained == [] and again.cells == grid.cells
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
-    (out / "study.md").unlink()
+    (out / "table.md").unlink()
     (out / "study.png").unlink()
     result = summarize(out, progress=False)
-    assert result.cells == grid.cells and (out / "study.md").is_file() and (out / "study.png").is_file()
+    assert result.cells == grid.cells and (out / "table.md").is_file() and (out / "study.png").is_file()
 
 
 def test_interrupted_run_is_resumed_exactly(files, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 Every cell of the grid (fusion type × depth b × seed) is one ``openaff train`` run with its own run
 folder, ``OUT/runs/<fusion>-b<b>-s<seed>`` (config.yaml, model.safetensors + config.json, metrics.csv,
 last.pt), trained from one base recipe with only the model (scenario, fusion, b) and the seed
-changed. The study is aggregated into ``OUT/study.md`` (fusion × depth: mean ± std over seeds of the
+changed. The study is aggregated into ``OUT/table.md`` (fusion × depth: mean ± std over seeds of the
 best validation metric over all epochs, as the authors reported; final-epoch metric; parameters;
 the paper's number beside), ``OUT/study.json`` and ``OUT/results.csv`` (every run) and
 ``OUT/study.png`` (metric against depth and against parameters).
@@ -11,7 +11,7 @@ the paper's number beside), ``OUT/study.json`` and ``OUT/results.csv`` (every ru
 Examples::
 
     openaff study --scenario short-skip --fusions add,aff,iaff --depths 1 --seeds 3 --jobs 2
-    openaff study --table 3 --data cifar100:~/data/cifar-100-python --recipe study-cifar
+    openaff study --table 3 --data cifar100:~/data/cifar-100-python --recipe study-gpu
     openaff study --summarize runs/study-short-skip-fashion-mnist-20260101-120000
 
 Rerunning the same command (with ``--output OUT``) continues a study: finished runs are read, an
@@ -293,7 +293,7 @@ class StudyResult:
 
     @property
     def table(self) -> Path:
-        return self.output / "study.md"
+        return self.output / "table.md"
 
 
 def _parse_list(text: str | Sequence, what: str, cast: Callable) -> list:
@@ -800,7 +800,7 @@ def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell
     bar.close()
     result = write(plot=True)
     say(f"study: {sum(r.status == 'finished' for r in result.runs)} of {len(result.runs)} runs finished in {out}"
-        f" ({len(trained)} trained now)\n  table: {out / 'study.md'}\n  runs:  {out / 'study.json'}, "
+        f" ({len(trained)} trained now)\n  table: {out / 'table.md'}\n  runs:  {out / 'study.json'}, "
         f"{out / 'results.csv'}\n  plot:  {out / 'study.png'}")
     return result
 
@@ -920,7 +920,7 @@ def _grid(result: StudyResult, value: Callable[[dict, bool], str], best_key: str
 
 
 def study_markdown(result: StudyResult, command: str) -> str:
-    """The tables of study.md."""
+    """The tables of table.md."""
     s = result.settings
     scn = SCENARIOS.get(s.scenario)
     title, label = (scn.title, scn.metric_label) if scn else (s.scenario, "metric")
@@ -975,7 +975,7 @@ def _write_outputs(result: StudyResult, command: str, plot: bool) -> None:
         writer.writerow({"scenario": result.settings.scenario, **{k: ("" if v is None else v)
                                                                   for k, v in asdict(r).items()}})
     atomic_write(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
-    atomic_write(out / "study.md", lambda f: f.write(study_markdown(result, command).encode()))
+    atomic_write(out / "table.md", lambda f: f.write(study_markdown(result, command).encode()))
     if plot:
         plot_study(result, out / "study.png")
 
@@ -1023,7 +1023,7 @@ def plot_study(result: StudyResult, path: str | Path) -> None:
 
 
 def summarize(output: str | Path, progress: bool = True) -> StudyResult:
-    """Re-aggregate the study in ``output`` (study.md, study.json, results.csv, study.png) without training.
+    """Re-aggregate the study in ``output`` (table.md, study.json, results.csv, study.png) without training.
 
     Args:
         output: a study folder written by :func:`run_study`.
@@ -1041,7 +1041,7 @@ def summarize(output: str | Path, progress: bool = True) -> StudyResult:
     _write_outputs(result, command, plot=True)
     if progress:
         print(f"study: {sum(r.status == 'finished' for r in result.runs)} of {len(result.runs)} runs finished in "
-              f"{out}\n  table: {out / 'study.md'}\n  plot:  {out / 'study.png'}")
+              f"{out}\n  table: {out / 'table.md'}\n  plot:  {out / 'study.png'}")
     return result
 
 
@@ -1085,7 +1085,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cifar100-labels", choices=("coarse", "fine"), default=None,
                    help="CIFAR-100 labels (default coarse: the paper's 20 superclasses)")
     p.add_argument("--recipe", default=None, help="base training recipe, a name or a .yaml path (default study-cpu; "
-                   "study-cifar follows the authors' study training)")
+                   "study-gpu follows the authors' study training)")
     p.add_argument("--epochs", type=_positive(int), default=None, help="override the recipe's epochs")
     p.add_argument("--limit-train", type=_positive(int), default=None, help="train on the first N images only")
     p.add_argument("--limit-val", type=_positive(int), default=None, help="validate on the first N images only")
