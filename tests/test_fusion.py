@@ -415,6 +415,10 @@ def test_register_a_new_fusion_in_a_few_lines():
 
     x, y = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
     torch.testing.assert_close(create_fusion("test_max", 4)(x, y), torch.maximum(x, y))
+    # A type without scenarios refuses one by name (the same-layer family asks fusion_options first).
+    assert fusion_options("test_max") == []
+    with pytest.raises(ValueError, match="fusion type 'test_max' has no option 'scenario'; its options: none"):
+        create_fusion("test_max", 4, scenario="same-layer")
     with pytest.raises(ValueError, match="already registered"):
         register_fusion("aff")(MaxFusion)
 

@@ -131,7 +131,8 @@ def create_fusion(name: str, channels: int, r: int = 4, **options: Any) -> nn.Mo
         ValueError: an unknown name, an option the type does not have, or a bad option value.
     """
     cls = _lookup(name)
-    if options:
+    params = inspect.signature(cls.__init__).parameters.values()
+    if options and not any(p.kind is p.VAR_KEYWORD for p in params):  # a **kwargs class checks its own
         known = fusion_options(name)
         bad = [k for k in options if k not in known]
         if bad:
