@@ -7,7 +7,8 @@ normalised activation (and the MS-CAMs' two BatchNorms each); outputs stay equal
 Only a BatchNorm that directly follows a convolution is folded:
 
 * inside an ``nn.Sequential``: a ``Conv2d`` immediately followed by a ``BatchNorm2d`` (the
-  MS-CAM branches, the ResNet-D stems, the downsampling shortcuts);
+  MS-CAM branches, the ResNet-D stems, the downsampling shortcuts), and a ``BatchNorm2d``
+  immediately followed by an unpadded 1x1 ``Conv2d`` (the short-skip Concat fusion);
 * in the blocks and stems of the model families, the attribute pairs of :data:`FOLD_PAIRS`
   (e.g. ``conv1 -> bn1`` of a bottleneck). The pre-activation blocks of ``AFFCifarPreActResNet``
   normalise *before* their convolutions; only their middle BN (``conv1 -> bn2``) follows a
@@ -29,7 +30,7 @@ from torch import nn
 from .layers.bn_fold import bn_scale_shift
 from .models import AFFCifarPreActResNet, AFFCifarResNeXt, AFFResNet, FusionBasicBlock, FusionBottleneck, PreActBlock
 
-__all__ = ["FOLD_PAIRS", "fold_conv_bn", "fuse_for_inference"]
+__all__ = ["FOLD_PAIRS", "fold_bn_conv", "fold_conv_bn", "fuse_for_inference"]
 
 # (conv attribute, bn attribute) pairs where the BN's input is exactly the conv's output. A conv
 # attribute naming an nn.Sequential means its last module (the ResNet-D deep stem).
@@ -68,6 +69,35 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
+def _foldable_into_next(bn: nn.Module, conv: nn.Module) -> bool:
+    # A BN before an unpadded 1x1 convolution is an affine map of the conv's input: exact to fold.
+    return (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_mean is not None
+            and type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+            and conv.groups == 1 and conv.in_channels == bn.num_features)
+
+
+@torch.no_grad()
+def fold_bn_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
+    """Fold an evaluation-mode ``bn`` into the unpadded 1x1 ``conv`` that follows it, in place.
+
+    ``conv(scale·x + shift) = (W·diag(scale)) x + (b + W·shift)``; float64 arithmetic, rounded once.
+
+    Args:
+        bn: the BatchNorm, with running statistics.
+        conv: the 1x1 convolution (no padding, one group) that reads ``bn``'s output.
+    """
+    scale, shift = bn_scale_shift(bn, None, torch.float64)
+    w = conv.weight
+    bias = w.double().flatten(1) @ shift
+    if conv.bias is not None:
+        bias = bias + conv.bias.double()
+    w.copy_(w.double() * scale.view(1, -1, 1, 1))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias.to(w.dtype), requires_grad=w.requires_grad)
+    else:
+        conv.bias.copy_(bias)
+
+
 def _identity() -> nn.Identity:
     # In evaluation mode like the rest of the folded model (a new module starts in training mode).
     return nn.Identity().eval()
@@ -77,10 +107,14 @@ def _fold_sequential(seq: nn.Sequential) -> int:
     n = 0
     names = list(seq._modules)
     for prev, name in zip(names, names[1:], strict=False):
-        conv, bn = seq._modules[prev], seq._modules[name]
-        if _foldable(conv, bn):
-            fold_conv_bn(conv, bn)
+        first, second = seq._modules[prev], seq._modules[name]
+        if _foldable(first, second):
+            fold_conv_bn(first, second)
             seq._modules[name] = _identity()
+            n += 1
+        elif _foldable_into_next(first, second):
+            fold_bn_conv(first, second)
+            seq._modules[prev] = _identity()
             n += 1
     return n
 
