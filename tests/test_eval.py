@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from _cifar_utils import official_cifar10
+from _mxnet_fixtures import COMPACT
 from _train_utils import TINY, write_fashion_mnist, write_image_folder
 
 from openaff.cli import main
@@ -98,7 +99,7 @@ def test_eval_bad_input(run: tuple[Path, Path], tmp_path: Path, capsys) -> None:
 
 # --- issue 10 ---------------------------------------------------------------------------------------------
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/mxnet/compact/aff_cifar_resnet_b1_c1_k10.params"
+FIXTURE = COMPACT / "aff_cifar_resnet_b1_c1_k10.params"  # in the project: a clean clone has no ../shared
 
 
 def _direct(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std) -> tuple[float, float]:
