@@ -20,10 +20,17 @@ from .layers import (
     MSGAU,
     MSSA,
     MSSE,
+    SCENARIOS,
     AddFusion,
+    AFFGlobalGlobal,
+    AFFLocalLocal,
+    ConcatAFF,
     ConcatFusion,
+    HalfAFF,
+    RecursiveAFF,
     create_fusion,
     fusion_names,
+    fusion_options,
     register_fusion,
 )
 
@@ -33,8 +40,10 @@ __version__ = "0.1.0"
 _LAZY = {"train": "openaff.training.train", "evaluate": "openaff.training.evaluate",
          "load_pretrained": "openaff.hub", "save_pretrained": "openaff.hub"}
 
-__all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "AddFusion", "ConcatFusion", "create_fusion",
-           "evaluate", "fusion_names", "load_pretrained", "models", "register_fusion", "save_pretrained", "train"]
+__all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "SCENARIOS", "AFFGlobalGlobal", "AFFLocalLocal",
+           "AddFusion", "ConcatAFF", "ConcatFusion", "HalfAFF", "RecursiveAFF", "create_fusion", "evaluate",
+           "fusion_names", "fusion_options", "load_pretrained", "models", "register_fusion", "save_pretrained",
+           "train"]
 
 
 def __getattr__(name: str) -> Any:
