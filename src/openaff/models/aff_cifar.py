@@ -97,6 +97,11 @@ class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
     """
 
     stage_names = ("layer1", "layer2", "layer3")
+    # What a variant of this network replaces (the same-layer family: aff_inception.py).
+    block_cls: type[nn.Module] = PreActBlock
+
+    def _make_stem(self, in_chans: int, width: int, fusion: str, r: int) -> nn.Module:
+        return nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
 
     def __init__(self, b: int = 5, num_classes: int = 100, in_chans: int = 3, width_mult: float = 1.0,
                  fusion: str = "aff", fusion_stages: Sequence[int] = (1, 2, 3), r: int = 4,
@@ -108,10 +113,11 @@ class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         widths = _widths(width_mult)
+        # Modules are registered in forward order: timm's features_only wrapper runs them in this order.
         self.input_norm = nn.BatchNorm2d(in_chans)
-        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
+        self.conv1 = self._make_stem(in_chans, widths[0], fusion, r)
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="conv1")]
-        stages, info = make_stages(PreActBlock, (b, b, b), widths[0], widths, (1, 2, 2), 1,
+        stages, info = make_stages(self.block_cls, (b, b, b), widths[0], widths, (1, 2, 2), 1,
                                    _fusions(fusion, fusion_stages), r, drop_path_rate, downsample_norm=False)
         for name, stage in zip(self.stage_names, stages, strict=True):
             self.add_module(name, stage)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..layers import AddFusion
 from ..layers.fusion import create_fusion, fusion_options
-from ._common import ClassifierMixin, check_image_batch, init_weights, make_stages
+from .aff_cifar import AFFCifarPreActResNet
 
 __all__ = ["AFFCifarInceptionResNet", "DilatedPairCell", "InceptionPreActBlock"]
 
@@ -126,16 +126,11 @@ def _check_args(b: object, width_mult: object, r: object, in_chans: object, num_
         raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
 
 
-def _widths(width_mult: float) -> tuple[int, int, int]:
-    return tuple(max(int(round(w * width_mult)), 1) for w in (64, 128, 256))
-
-
-class AFFCifarInceptionResNet(ClassifierMixin, nn.Module):
+class AFFCifarInceptionResNet(AFFCifarPreActResNet):
     """Pre-activation Inception-ResNet-(6b+2) for small images: every 3x3 conv a fused dilation-1/2 pair.
 
-    Input BN without learnable scale and shift (frozen, the authors' ``scale=False, center=False``),
-    a stem cell, three stages of ``b`` blocks (two cells each), BN-ReLU, global pool, classifier:
-    ``1 + 2·3·b`` fusions in all.
+    The pre-activation ResNet-b of :class:`~openaff.models.aff_cifar.AFFCifarPreActResNet` with a
+    :class:`DilatedPairCell` stem and :class:`InceptionPreActBlock` blocks: ``1 + 2·3·b`` fusions in all.
 
     Args:
         b: blocks per stage (depth 6b + 2).
@@ -149,48 +144,18 @@ class AFFCifarInceptionResNet(ClassifierMixin, nn.Module):
         global_pool: timm pooling type of the head.
     """
 
-    stage_names = ("layer1", "layer2", "layer3")
+    block_cls = InceptionPreActBlock
+
+    def _make_stem(self, in_chans: int, width: int, fusion: str, r: int) -> nn.Module:
+        return DilatedPairCell(in_chans, width, 1, fusion, r)
 
     def __init__(self, b: int = 1, num_classes: int = 100, in_chans: int = 3, width_mult: float = 1.0,
                  fusion: str = "aff", r: int = 4, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  global_pool: str = "avg") -> None:
-        super().__init__()
         _check_args(b, width_mult, r, in_chans, num_classes)
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
-        widths = _widths(width_mult)
-        # Modules are registered in forward order: timm's features_only wrapper runs them in this order.
-        self.input_norm = nn.BatchNorm2d(in_chans)
-        self.conv1 = DilatedPairCell(in_chans, widths[0], 1, fusion, r)
-        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="conv1")]
-        stages, info = make_stages(InceptionPreActBlock, (b, b, b), widths[0], widths, (1, 2, 2), 1,
-                                   (fusion,) * 3, r, drop_path_rate, downsample_norm=False)
-        for name, stage in zip(self.stage_names, stages, strict=True):
-            self.add_module(name, stage)
-        self.feature_info += info
-        self.bn_final = nn.BatchNorm2d(widths[-1])
-        self.act_final = nn.ReLU(inplace=True)
-        # The last feature is the pre-activated map the classifier sees.
-        self.feature_info[-1] = dict(num_chs=widths[-1], reduction=4, module="act_final")
-        self._init_head(widths[-1], num_classes, global_pool)
-        init_weights(self)
-        self.input_norm.weight.requires_grad_(False)
-        self.input_norm.bias.requires_grad_(False)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
-        return dict(stem=r"^input_norm|conv1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_image_batch(x, self.in_chans)
-        x = self.conv1(self.input_norm(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = self._checkpoint_stages(x)
-        else:
-            x = self.layer3(self.layer2(self.layer1(x)))
-        return self.act_final(self.bn_final(x))
+        super().__init__(b=b, num_classes=num_classes, in_chans=in_chans, width_mult=width_mult, fusion=fusion,
+                         fusion_stages=(1, 2, 3), r=r, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                         global_pool=global_pool)
 
 
 def _cfg(**kwargs) -> dict:
