@@ -19,7 +19,8 @@ from openaff.layers import (
     set_fusion_kernels,
     set_fusion_recompute,
 )
-from openaff.layers.fused_ops import fusion_recompute
+from openaff.layers.fused_ops import broadcast_operand, fusion_recompute
+from openaff.layers.mscam import GlobalAvgPool2d
 
 CL = torch.channels_last
 
@@ -356,3 +357,45 @@ def test_mscam_branch_fast_path_steps_aside():
     with torch.no_grad():
         assert _branch_eval(m.local_att, x) is None
         torch.testing.assert_close(m.logits(x)[0], m.local_att(x))
+
+
+def test_broadcast_operand_widens_only_where_the_cpu_kernel_is_scalar():
+    local = torch.randn(4, 16, 6, 5, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    g = torch.randn(4, 16, 1, 1, dtype=torch.bfloat16)
+    wide = broadcast_operand(g, local)
+    assert wide.shape == (4, 16, 1, 5) and wide.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(local + wide, local + g, rtol=0, atol=0)
+    # NCHW, enough channels for a vector register, or nothing to broadcast: returned as it is.
+    assert broadcast_operand(g, local.contiguous()) is g
+    gf = g.float()
+    assert broadcast_operand(gf, local.float()) is gf
+    assert broadcast_operand(local, local) is local
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_blend_bf16_channels_last_matches_nchw(scale):
+    # The widened path (bf16, 16 channels, channels_last) gives the numbers of the plain broadcast.
+    x, y, a, g = _inputs((4, 16, 6, 5), torch.bfloat16, channels_last=True)
+    xn, yn, an, gn = (t.detach().contiguous().requires_grad_() for t in (x, y, a, g))
+    out, ref = attention_blend(x, y, a, g, scale), attention_blend(xn, yn, an, gn, scale)
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (x, y, a, g), go), torch.autograd.grad(ref, (xn, yn, an, gn), go),
+                         strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+def test_global_pool_gradient_keeps_channels_last():
+    pool = GlobalAvgPool2d()
+    x = torch.randn(3, 6, 5, 4, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    out = pool(x)
+    torch.testing.assert_close(out, torch.nn.functional.adaptive_avg_pool2d(x, 1), rtol=1e-14, atol=1e-14)
+    go = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, go)
+    # PyTorch's own pooling gives an NCHW gradient here; adding it to a channels_last one is slow.
+    assert gx.is_contiguous(memory_format=CL) and not gx.is_contiguous()
+    torch.testing.assert_close(gx, (go / 20).expand_as(x), rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+    assert isinstance(pool, torch.nn.AdaptiveAvgPool2d) and pool.output_size == 1

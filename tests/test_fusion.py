@@ -333,7 +333,7 @@ def test_mscam_options_build_what_they_say():
     assert [n for n, _ in ll.named_children()] == ["local_att", "local_att2"]
     assert not any(isinstance(t, torch.nn.AdaptiveAvgPool2d) for t in ll.modules())
     gg = MSCAM(16, 4, branches=("global", "global"), layers="single")
-    assert [type(t).__name__ for t in gg.global_att2] == ["AdaptiveAvgPool2d", "Conv2d", "ContextBatchNorm2d"]
+    assert [type(t).__name__ for t in gg.global_att2] == ["GlobalAvgPool2d", "Conv2d", "ContextBatchNorm2d"]
     x = torch.randn(2, 16, 3, 3)
     assert gg(x).shape == (2, 16, 1, 1) and ll(x).shape == x.shape  # the fusions broadcast a global weight
     half = MSCAM(16, 4, layers="half", combine="concat")
@@ -539,3 +539,63 @@ def test_every_fusion_scripts_and_traces(name, options):
         for other in (scripted, traced):
             m.load_state_dict(state)  # the training passes update the shared BatchNorm statistics
             torch.testing.assert_close(other(x, y), want, rtol=1e-12, atol=1e-12, msg=f"{name} {type(other)}")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("channels", [4, 12])
+def test_context_batchnorm_channels_last_path_is_batchnorm(momentum, channels):
+    # Few channels in channels_last take openaff.layers.channels_last_norm (PyTorch's kernel is a scalar
+    # loop there): the same outputs, gradients, running statistics and counter as BatchNorm2d.
+    from openaff.layers.channels_last_norm import use_channels_last_batch_norm
+
+    ours = ContextBatchNorm2d(channels, momentum=momentum).double()
+    ref = torch.nn.BatchNorm2d(channels, momentum=momentum).double()
+    randomize(ours)
+    ref.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        x = torch.randn(3, channels, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        assert use_channels_last_batch_norm(x)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, want = ours(xa), ref(xb)
+        assert out.is_contiguous(memory_format=torch.channels_last) and out._base is None
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        go = torch.randn_like(want)
+        got = torch.autograd.grad(out, (xa, ours.weight, ours.bias), go)
+        exp = torch.autograd.grad(want, (xb, ref.weight, ref.bias), go)
+        for a, b in zip(got, exp, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=n)
+    # bf16 (autocast's dtype): float32 statistics, bf16 output, as PyTorch's kernel.
+    xb16 = torch.randn(8, channels, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    ours.float(), ref.float()
+    torch.testing.assert_close(ours(xb16), ref(xb16), rtol=2e-2, atol=2e-2)
+    assert ours(xb16).dtype == torch.bfloat16
+    # An in-place ReLU after it (the MS-CAM's branch) is allowed, and the recompute of a fusion does not
+    # update the statistics a second time.
+    torch.relu_(ours(xb16.float().requires_grad_()))
+    before = ours.running_mean.clone()
+    from openaff.layers.fused_ops import _recomputing
+
+    with _recomputing():
+        ours(xb16.float())
+    torch.testing.assert_close(ours.running_mean, before, rtol=0, atol=0)
+
+
+def test_aff_trains_alike_in_both_layouts():
+    # The channels_last fast paths (pool gradient, widened broadcast, few-channel BatchNorm) change no number.
+    torch.manual_seed(0)
+    m = AFF(16, 4).double()
+    randomize(m)
+    x, y = torch.randn(4, 16, 6, 5, dtype=torch.float64), torch.randn(4, 16, 6, 5, dtype=torch.float64)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        mm = copy.deepcopy(m).to(memory_format=fmt)
+        xa, ya = (t.contiguous(memory_format=fmt).requires_grad_() for t in (x, y))
+        out = mm(xa, ya)
+        grads = torch.autograd.grad(out.square().sum(), (xa, ya, *mm.parameters()))
+        results.append((out, grads, [b.clone() for b in mm.buffers()]))
+    (o1, g1, b1), (o2, g2, b2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
+    for a, b in zip((*g1, *b1), (*g2, *b2), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn_fold import bn_scale_shift
+from .channels_last_norm import channels_last_batch_norm, use_channels_last_batch_norm
 from .fused_ops import attention_weight, is_recomputing
 from .tracing import is_tracing
 
-__all__ = ["BRANCH_KINDS", "COMBINES", "LAYER_FORMS", "MSCAM", "ContextBatchNorm2d", "context_batch_norm"]
+__all__ = ["BRANCH_KINDS", "COMBINES", "LAYER_FORMS", "MSCAM", "ContextBatchNorm2d", "GlobalAvgPool2d",
+           "context_batch_norm"]
 
 
 def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -88,6 +90,9 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
                 # Being traced through (FX only treats torch.nn's own classes as leaves): record this
                 # module as a leaf, so the graph calls it, in whatever mode it is in then.
                 return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
+            if (self.training and use_channels_last_batch_norm(x) and not torch.compiler.is_compiling()
+                    and not is_tracing()):
+                return self._channels_last_forward(x, stats)
             if stats and not torch.compiler.is_compiling() and is_recomputing():
                 # Throw-away copies: the same kernel (and saved tensors, which checkpoint checks) as the
                 # forward pass, without a second update of the real running statistics.
@@ -99,6 +104,64 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
                                   self.num_batches_tracked if stats else None,
                                   self.weight, self.bias, self.training, self.momentum, self.eps)
 
+    @torch.jit.unused
+    def _channels_last_forward(self, x: torch.Tensor, stats: bool) -> torch.Tensor:
+        """Training on a channels_last input with few channels (the MS-CAM's local bottleneck): see
+        :mod:`openaff.layers.channels_last_norm`. The same statistics rules as :func:`context_batch_norm`."""
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if stats and is_recomputing():
+            stats = False  # updated once, in the forward pass
+        elif stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return channels_last_batch_norm(x, self.running_mean if stats else None, self.running_var if stats else None,
+                                        self.weight, self.bias, factor, self.eps)
+
+
+class _ChannelsLastGlobalMean(torch.autograd.Function):
+    """``x.mean((2, 3), keepdim=True)`` whose gradient keeps ``x``'s channels_last layout.
+
+    PyTorch's pooling backward returns a contiguous (NCHW) gradient for a channels_last input, and
+    autograd then adds it to the other gradients of the fusion's input (channels_last) with a
+    mixed-layout kernel: 15 ms for one 128 x 16 x 48 x 48 bf16 tensor against 1 ms for matching
+    layouts, the largest single cost of training a small AFF model on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        # sum (accumulated in float) then scale: the bf16 mean kernel is 5x slower than the sum here.
+        return x.sum((2, 3), keepdim=True).div_(x.shape[2] * x.shape[3])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = ctx.shape
+        g = (grad / (h * w)).expand(b, c, 1, w).contiguous(memory_format=torch.channels_last)
+        return g.expand(b, c, h, w).contiguous(memory_format=torch.channels_last)
+
+
+class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(1)`` (the global branch's pooling) with a layout-preserving gradient.
+
+    The same module for weight names, scripting, tracing and :func:`_branch_eval`; in eager training on
+    a channels_last input its gradient comes back channels_last (see :class:`_ChannelsLastGlobalMean`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or is_tracing():
+            return F.adaptive_avg_pool2d(x, self.output_size)
+        else:
+            if (x.requires_grad and torch.is_grad_enabled() and x.dim() == 4 and not x.is_contiguous()
+                    and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
+                return _ChannelsLastGlobalMean.apply(x)
+            return F.adaptive_avg_pool2d(x, self.output_size)
+
 
 def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottleneck", relu_out: bool = False
                     ) -> nn.Sequential:
@@ -108,7 +171,7 @@ def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottlene
     "half" the first half of the bottleneck (``C -> C/r``, ending in its ReLU). ``relu_out`` appends a ReLU
     (the branches of a concatenating MS-CAM). The Sequential indices are the authors' weight names.
     """
-    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1)] if pool else []
+    layers: list[nn.Module] = [GlobalAvgPool2d()] if pool else []
     if form == "single":
         layers += [nn.Conv2d(channels, channels, 1, bias=True), ContextBatchNorm2d(channels)]
     else:
