@@ -24,6 +24,8 @@ COMMANDS = {
     "bench": "openaff.bench",
     "export": "openaff.export",
     "study": "openaff.study",
+    "cam": "openaff.cam",
+    "attention": "openaff.cam",
 }
 
 __all__ = ["COMMANDS", "OneLineParser", "build_parser", "main", "version"]
