@@ -1171,7 +1171,9 @@ def attention_maps(model: Any, image: Any, *, weights: str | Path | None = None,
 
     for name, m in found:
         for child, sub in m.named_children():
-            if child.endswith(("_att", "_att2")):
+            if child == "fuse_att":  # the concatenating MS-CAM's projection: w = sigmoid(its output)
+                handles.append(sub.register_forward_hook(hook(name, "_fuse")))
+            elif child.endswith(("_att", "_att2")):
                 handles.append(sub.register_forward_hook(hook(name, child)))
     try:
         with torch.no_grad():
@@ -1184,18 +1186,13 @@ def attention_maps(model: Any, image: Any, *, weights: str | Path | None = None,
         m = cm.model.get_submodule(name)
         rec = records[name]
         h, w = (int(v) for v in rec.pop("_input_shape")[2:])
+        fused = rec.pop("_fuse", None)
         branch_names = [n for n in rec]
         kinds = {n: n.split("_att")[0] for n in branch_names}
-        outs = [rec[n] for n in branch_names]
-        if getattr(m, "combine", "add") == "concat":
-            a, b = outs
-            with torch.no_grad():
-                z = m.fuse_att(torch.cat([a, b.expand_as(a)], 1).to(next(m.parameters()).dtype)).float()
-        else:
-            z = outs[0] + outs[1]
+        z = fused if fused is not None else rec[branch_names[0]] + rec[branch_names[1]]
         z = z.expand(1, z.shape[1], h, w)[0]
         share = None
-        if sorted(kinds.values()) == ["global", "local"] and getattr(m, "combine", "add") == "add":
+        if sorted(kinds.values()) == ["global", "local"] and fused is None:
             loc = next(rec[n] for n in branch_names if kinds[n] == "local").abs().mean()
             glo = next(rec[n] for n in branch_names if kinds[n] == "global").abs().mean()
             share = float(loc / (loc + glo)) if float(loc + glo) > 0 else None
@@ -1314,7 +1311,8 @@ def _samples_from_args(args: argparse.Namespace, canvas: int | None) -> list[Sam
         if names and all(n.isdigit() for n in names):
             names = [PHOTOS[int(n)] if int(n) < len(PHOTOS) else n for n in names]
         return photo_samples(names)
-    return scene_samples(_indices(args.indices or "0-3"), canvas=canvas or 64, split=args.split)
+    return scene_samples(_indices(args.indices or "0-3"), canvas=canvas or 64, split=args.split,
+                         data_dir=args.data_dir)
 
 
 def _target_arg(text: str | None) -> int | str:
@@ -1396,6 +1394,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--indices", default=None, help="scene indices, e.g. 0,1,2 or 0-7 (default 0-3); photo names "
                    "for --data photos")
     p.add_argument("--split", choices=("val", "train"), default="val", help="scenes' split (default val)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the Fashion-MNIST idx files of the scenes (default: the Debian package's folder)")
     p.add_argument("--labels", default=None, help="true classes of the image files, comma-separated (index or name)")
     p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="timm.create_model arguments for models given by name, e.g. width_mult=0.25 in_chans=1")
