@@ -496,7 +496,7 @@ def bad_files(tmp_path_factory, scene_run) -> dict[str, Path]:
     (["cam", "aff_cifar_resnet8", "--data", "photos", "--method", "gradcam+"], r"unknown CAM method 'gradcam\+'"),
     (["cam", "aff_cifar_resnet8", "--data", "photos", "--target-layer", "layer9"], r"has no module 'layer9'"),
     (["cam", "aff_cifar_resnet8", "--data", "fashion-mnist-scenes", "--data-dir", "{root}", "--indices", "0"],
-     r"Fashion-MNIST file t10k-images-idx3-ubyte\\[.gz\\] not found in"),
+     r"Fashion-MNIST file t10k-images-idx3-ubyte\[.gz\] not found in"),
     (["cam", "{run}", "--data", "fashion-mnist-scenes", "--indices", "0,x"], r"--indices: expected integers"),
     (["cam", "aff_cifar_resnet8"], r"give the images"),
     (["attention", "cifar_resnet8", "--data", "photos", "--indices", "chelsea", "--model-kwargs", "width_mult=0.125"],
