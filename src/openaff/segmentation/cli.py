@@ -1,0 +1,93 @@
+"""``openaff segment``: segmentation models, training, evaluation and pictures.
+
+Examples::
+
+    openaff segment models                                   # the registered segmenters
+    openaff segment train --recipe segment-cpu --output runs/seg
+    openaff segment eval --weights runs/seg
+    openaff segment predict --weights runs/seg --output runs/seg/pictures
+    openaff segment predict --weights runs/seg --images photos/ --output pics
+
+``segment train`` and ``segment eval`` are ``openaff train`` and ``openaff eval`` (the same engine,
+flags and files) that insist on a segmentation model; ``openaff train`` with a segmentation model
+trains it the same way. ``openaff study --scenario long-skip`` runs the paper's FPN study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..training.errors import ConfigError, run_command
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from . import study  # noqa: F401  (the long-skip scenario of `openaff study`)
+
+    p = subparsers.add_parser("segment", help="segmentation (AFF-FPN): models, train, eval, predict pictures",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="segment_command", metavar="SUBCOMMAND")
+    sub.required = True
+    m = sub.add_parser("models", help="list the registered segmenters")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.set_defaults(func=lambda args: run_command("openaff segment models", lambda: _models(args)))
+
+    from ..training import evaluate as evaluate_mod
+    from ..training import train as train_mod
+
+    train_mod.add_parser(sub)
+    sub.choices["train"].set_defaults(func=lambda args: run_command(
+        "openaff segment train", lambda: _train(args, train_mod)))
+    evaluate_mod.add_parser(sub)
+    sub.choices["eval"].set_defaults(func=lambda args: run_command(
+        "openaff segment eval", lambda: _eval(args, evaluate_mod)))
+
+    q = sub.add_parser("predict", help="colour overlays and an image | truth | prediction grid")
+    q.add_argument("--weights", required=True, help="a segmentation run or model folder")
+    q.add_argument("--output", required=True, metavar="DIR", help="folder for grid.png and overlays/")
+    q.add_argument("--images", metavar="DIR", help="segment these images (default: the recorded validation set)")
+    q.add_argument("--data", help="validation data instead of the recorded one (fashion-mnist-scenes, voc, DIR)")
+    q.add_argument("--data-dir", help="its directory")
+    q.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    q.add_argument("--start", type=int, default=0, help="first validation image")
+    q.add_argument("--cols", type=int, default=4, help="samples per grid row")
+    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    q.add_argument("--threads", type=int, help="CPU threads")
+    q.set_defaults(func=lambda args: run_command("openaff segment predict", lambda: _predict(args)))
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .fpn import SEGMENTERS
+
+    if args.json:
+        print(json.dumps(SEGMENTERS, indent=1))
+    else:
+        print("\n".join(["| model | what |", "|---|---|", *(f"| `{k}` | {v} |" for k, v in SEGMENTERS.items())]))
+    return 0
+
+
+def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the module)
+    from ..training.config import config_from_args
+
+    if not args.resume and not args.list_recipes and not (args.recipe or hasattr(args, "model")):
+        args.recipe = "segment-cpu"
+    if not args.resume and not args.list_recipes and config_from_args(args).task != "segment":
+        raise ConfigError(f"{config_from_args(args).model} is a classifier; openaff segment train trains "
+                          "segmentation models (openaff segment models lists them)")
+    return train_mod._run(args)
+
+
+def _eval(args: argparse.Namespace, evaluate_mod) -> int:  # noqa: ANN001  (the module)
+    return evaluate_mod._run(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    res = predict(args.weights, args.output, images=args.images, data=args.data, data_dir=args.data_dir, n=args.n,
+                  start=args.start, cols=args.cols, device=args.device, threads=args.threads)
+    extra = f"; mIoU {res['miou']:.2f} %, pixel accuracy {res['pixel_acc']:.2f} % on them" if "miou" in res else ""
+    print(f"{res['images']} images{extra}\n  grid:     {res['grid']}\n  overlays: {args.output}/overlays/")
+    return 0
