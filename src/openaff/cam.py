@@ -515,7 +515,16 @@ def compute_cams(cm: CamModel, inputs: torch.Tensor, targets: Sequence[int] | No
     if targets is not None and len(targets) != len(inputs):
         raise ConfigError(f"{len(targets)} target classes for {len(inputs)} images")
     device = next(cm.model.parameters()).device
-    cam = cls(model=cm.model, target_layers=[cm.model.get_submodule(cm.target_layer)])
+    layer = cm.model.get_submodule(cm.target_layer)
+    # The maps need gradients at the target layer only: freeze the weights and start the graph at the
+    # layer's output (a copy; registered before the CAM's own hooks, which then see it). The backward
+    # pass runs through the head alone, not the whole network with every weight's gradient.
+    trainable = [p for p in cm.model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    cut = layer.register_forward_hook(
+        lambda _m, _i, out: out.detach().clone().requires_grad_(True) if isinstance(out, torch.Tensor) else None)
+    cam = cls(model=cm.model, target_layers=[layer])
     maps, probs = [], []
     try:
         with torch.enable_grad():
@@ -528,6 +537,9 @@ def compute_cams(cm: CamModel, inputs: torch.Tensor, targets: Sequence[int] | No
     finally:
         # Not `with cam:` — its __exit__ prints and swallows IndexErrors.
         cam.activations_and_grads.release()
+        cut.remove()
+        for p in trainable:
+            p.requires_grad_(True)
     return np.concatenate(maps), np.concatenate(probs)
 
 
