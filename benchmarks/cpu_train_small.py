@@ -75,6 +75,52 @@ def _measure(models: list[str], amp: str, channels_last: bool, steps: int, warmu
     return times
 
 
+def _profile(models: list[str], amp: str, channels_last: bool, steps: int, threads: int, batch: int, size: int,
+             width: float, rows: int) -> str:
+    """Where a step's time goes: self CPU time per step by op and input shapes (torch.profiler), per model."""
+    import timm
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import openaff  # noqa: F401
+    from openaff.cpu_memory import retain_freed_memory
+
+    retain_freed_memory()
+    torch.set_num_threads(threads)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    out = []
+    for name in models:
+        arch, _, fusion = name.partition(":")
+        m = timm.create_model(arch, in_chans=1, num_classes=10, width_mult=width,
+                              **({"fusion": fusion} if fusion else {})).to(memory_format=fmt)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+
+        def step(m=m, opt=opt):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(steps):
+                step()
+        events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+        total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+        layout = "channels_last" if channels_last else "NCHW"
+        out += [f"`{name}` ({amp}, {layout}): {total:.0f} ms of aten ops per step",
+                "", "| op | input shapes | ms/step | calls/step |", "|---|---|---:|---:|"]
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+            shapes = str(e.input_shapes)[:70].replace("|", "/")
+            out.append(f"| {e.key} | {shapes} | {e.self_cpu_time_total / steps / 1e3:.1f} | {e.count / steps:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per model and setting")
@@ -84,9 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=48, help="input side (1 channel, 10 classes)")
     p.add_argument("--width", type=float, default=0.25, help="width_mult of every model")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--profile", metavar="MODEL,TWIN", help="instead of timing: where the step time goes "
+                   "(bf16, channels_last; writes OUT/cpu-train-profile.md)")
     p.add_argument("--one", nargs=2, metavar=("AMP", "CL"), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args(argv)
     models = list(dict.fromkeys(name for pair in PAIRS for name in pair))
+    if args.profile:
+        text = _profile(args.profile.split(","), "bf16", True, args.steps, args.threads, args.batch, args.size,
+                        args.width, rows=25)
+        args.out.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/cpu_train_small.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        (args.out / "cpu-train-profile.md").write_text(f"`{command.strip()}`\n\n{text}\n")
+        print(text)
+        return 0
     if args.one:
         times = _measure(models, args.one[0], args.one[1] == "1", args.steps, args.warmup, args.threads,
                          args.batch, args.size, args.width)

@@ -38,8 +38,11 @@ def test_infer_with_folding_writes_json_and_markdown(tmp_path):
                        "--baseline", "cifar_resnet8", "--channels-last")
     assert rc == 0
     rows = {r["model"]: r for r in doc["results"]}
-    assert set(rows) == {"aff_cifar_resnet8", "aff_cifar_resnet8+fold", "cifar_resnet8"}
+    # Like for like: the folded baseline is measured too, and a folded model's ratios refer to it.
+    assert set(rows) == {"aff_cifar_resnet8", "aff_cifar_resnet8+fold", "cifar_resnet8", "cifar_resnet8+fold"}
     assert rows["cifar_resnet8"]["time_ratio"] == pytest.approx(1.0)
+    assert rows["aff_cifar_resnet8+fold"]["baseline"] == "cifar_resnet8+fold"
+    assert rows["aff_cifar_resnet8"]["baseline"] == "cifar_resnet8"
     for r in rows.values():
         assert r["error"] is None and r["ms_median"] > 0 and len(r["samples_ms"]) == 1
         assert r["params"] > 0
@@ -90,6 +93,9 @@ def test_model_failing_at_run_time_is_reported_not_fatal(tmp_path, monkeypatch):
     (["--models", "nosuch_net"], "unknown model 'nosuch_net'"),
     (["--baseline", "nosuch_net"], "unknown model 'nosuch_net'"),
     (["--models", "cifar_resnet8+fast"], "unknown model suffix 'fast'"),
+    (["--models", "resnet18:add"], "':fusion' is for openaff's models, not 'resnet18'"),
+    (["--models", "aff_cifar_resnet8:nosuch"], "unknown fusion type 'nosuch'"),
+    (["--models", "aff_cifar_resnet8:"], "give a fusion type after ':'"),
     (["--models", "cifar_resnet8+fold", "--mode", "train"], "+fold is for --mode infer"),
     (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N"),
@@ -185,9 +191,12 @@ def test_summarize_judges_the_median_of_runs(tmp_path):
     summarize = _load_summarize()
     paths = []
     for i, (ratio, cl) in enumerate(((1.02, False), (1.10, False), (1.04, False), (1.08, True))):
-        rows = [dict(model=m, compiled=False, error=None, baseline="resnet50d", time_ratio=v,
+        rows = [dict(model=m, compiled=False, error=None, baseline=b, time_ratio=v,
                      time_ratio_paired=v, time_ratio_quiet=None)
-                for m, v in (("aff_resnet50+fold", ratio), ("aff_resnet50+naive", 1.2))]
+                for m, b, v in (("aff_resnet50+fold", "resnet50d+fold", ratio),
+                                ("aff_resnet50+naive", "resnet50d", 1.2),
+                                # Folded against unfolded (what older versions wrote): not like for like, left out.
+                                ("aff_resnet50+fold", "resnet50d", 0.9))]
         meta = dict(mode="infer", device="cpu", channels_last=cl, cpu_alloc="retain", amp="off", batch=8,
                     input_size=[3, 224, 224], machine=dict(threads=2))
         paths.append(tmp_path / f"run{i}.json")
@@ -197,13 +206,28 @@ def test_summarize_judges_the_median_of_runs(tmp_path):
                  machine=dict(threads=2))
     paths.append(tmp_path / "smoke.json")
     paths[-1].write_text(json.dumps(dict(meta=smoke, results=[dict(
-        model="aff_resnet50+fold", compiled=False, error=None, baseline="resnet50d", time_ratio=2.0,
+        model="aff_resnet50+fold", compiled=False, error=None, baseline="resnet50d+fold", time_ratio=2.0,
         time_ratio_paired=2.0, time_ratio_quiet=None)])))
     table = summarize.summarize([str(p) for p in paths])
     rows = [line for line in table.splitlines() if "median of all rounds" in line]
     assert len(rows) == 2
-    assert "`aff_resnet50+fold` | NCHW, alloc retain | 1.040 | 3: 1.020–1.100 | `resnet50d` | yes |" in rows[0]
-    assert "`aff_resnet50+fold` | channels_last, alloc retain | 1.080 | 1 | `resnet50d` | **no** |" in rows[1]
+    assert "`aff_resnet50+fold` | NCHW, alloc retain | 1.040 | 3: 1.020–1.100 | `resnet50d+fold` | yes |" in rows[0]
+    assert "`aff_resnet50+fold` | channels_last, alloc retain | 1.080 | 1 | `resnet50d+fold` | **no** |" in rows[1]
+    assert "0.900" not in table
     assert "naive" not in table
     assert "undisturbed rounds (<= 1.06) | – | | not measured" in table  # no quiet numbers given
     assert "eager (>= 0.85) | – | | not measured" in table
+
+
+def test_fusion_spec_builds_the_twin(tmp_path):
+    # `name:fusion`: one of our models with another fusion type, e.g. the add-twin beside its baseline.
+    rc, doc, md = _run(tmp_path, "--mode", "infer", "--models", "aff_cifar_resnet8:add,aff_cifar_resnet8:ms_se+fold",
+                       "--baseline", "cifar_resnet8")
+    assert rc == 0
+    rows = {r["model"]: r for r in doc["results"]}
+    assert all(r["error"] is None for r in rows.values())
+    # The add-twin is the plain network: the same parameter count and multiply-adds.
+    assert rows["aff_cifar_resnet8:add"]["params"] == rows["cifar_resnet8"]["params"]
+    assert rows["aff_cifar_resnet8:add"]["gmacs"] == pytest.approx(rows["cifar_resnet8"]["gmacs"])
+    assert rows["aff_cifar_resnet8:ms_se+fold"]["params"] > rows["cifar_resnet8"]["params"]
+    assert "| `aff_cifar_resnet8:add` |" in md

@@ -10,7 +10,9 @@ images/s, the ratios to ``--baseline`` (same compile setting), CUDA peak memory 
 or inference step, and, in training, the bytes autograd saves for the backward pass (eager only;
 on the CPU that is the useful memory figure).
 
-Model names are timm names (``openaff`` registers its own) with optional suffixes:
+Model names are timm names (``openaff`` registers its own), ``name:fusion`` for one of ours with another
+fusion type (``aff_resnet50:add``, the add-twin: timm's ``resnet50d`` built from our blocks), with
+optional suffixes:
 
 * ``+fold``: fold BatchNorm into the convolutions before inference. Our models use
   :func:`openaff.inference.fuse_for_inference`; timm models ``torch.fx.experimental.optimization.fuse``.
@@ -112,6 +114,15 @@ def _parse_spec(spec: str) -> tuple[str, set[str]]:
     return name, set(suffixes)
 
 
+def _create_kwargs(name: str) -> tuple[str, dict]:
+    """``"aff_resnet50:add"`` -> ``("aff_resnet50", {"fusion": "add"})``: one of our models with another fusion
+    type (e.g. the add-twin of AFF-ResNet-50, which is timm's resnet50d with our block code)."""
+    arch, sep, fusion = name.partition(":")
+    if sep and not fusion:
+        raise ConfigError(f"{name!r}: give a fusion type after ':', e.g. aff_resnet50:add")
+    return arch, ({"fusion": fusion} if sep else {})
+
+
 def _naive_aff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     m = self.mscam
     s = x + y
@@ -150,7 +161,8 @@ def _gmacs(name: str, input_size: tuple[int, int, int], num_classes: int) -> flo
 
     try:
         with torch.device("meta"):
-            model = timm.create_model(name, num_classes=num_classes, in_chans=input_size[0]).eval()
+            arch, kwargs = _create_kwargs(name)
+            model = timm.create_model(arch, num_classes=num_classes, in_chans=input_size[0], **kwargs).eval()
         with FlopCounterMode(display=False) as counter:
             model(torch.empty(1, *input_size, device="meta"))
         return counter.get_total_flops() / 2e9
@@ -189,7 +201,8 @@ class _Entry:
         self.label = spec
         self.result = BenchResult(model=spec, compiled=compiled)
         notes = []
-        model = timm.create_model(name, num_classes=args.num_classes, in_chans=x.shape[1])
+        arch, kwargs = _create_kwargs(name)
+        model = timm.create_model(arch, num_classes=args.num_classes, in_chans=x.shape[1], **kwargs)
         self.result.params = sum(p.numel() for p in model.parameters())
         self.result.gmacs = _gmacs(name, tuple(x.shape[1:]), args.num_classes)
         if "naive" in suffixes:
@@ -398,8 +411,18 @@ def check_args(args: argparse.Namespace) -> None:
     specs = [s.strip() for s in (args.models or "").split(",") if s.strip()]
     for spec in [*specs, args.baseline, *pairs, *pairs.values()]:
         name, suffixes = _parse_spec(spec)
-        if not timm.is_model(name):
-            raise ConfigError(f"unknown model {name!r} (see openaff models or timm.list_models())")
+        arch, kwargs = _create_kwargs(name)
+        if not timm.is_model(arch):
+            raise ConfigError(f"unknown model {arch!r} (see openaff models or timm.list_models())")
+        if kwargs:
+            from .info import list_openaff_models
+            from .layers import fusion_names
+
+            if arch not in list_openaff_models():
+                raise ConfigError(f"{name!r}: ':fusion' is for openaff's models, not {arch!r}")
+            if kwargs["fusion"] not in fusion_names():
+                known = ", ".join(fusion_names())
+                raise ConfigError(f"{name!r}: unknown fusion type {kwargs['fusion']!r}; known: {known}")
         if "fold" in suffixes and args.mode == "train":
             raise ConfigError(f"{spec}: +fold is for --mode infer (a folded model has no BatchNorm to train)")
 
@@ -453,6 +476,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     for base in [args.baseline, *_parse_pairs(args.pair).values()]:
         if base not in specs:
             specs.append(base)
+        # Like for like: a folded model is compared with the folded baseline, so that one is measured too.
+        if any("fold" in _parse_spec(s)[1] for s in specs) and "fold" not in _parse_spec(base)[1] \
+                and f"{base}+fold" not in specs:
+            specs.append(f"{base}+fold")
     compile_flags = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 
     size = args.img_size
@@ -531,7 +558,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     results += failed
     pairs = _parse_pairs(args.pair)
     for res in results:
-        base_name = pairs.get(_parse_spec(res.model)[0], args.baseline) if res.error is None else args.baseline
+        name, suffixes = _parse_spec(res.model)
+        base_name = pairs.get(name, args.baseline) if res.error is None else args.baseline
+        if "fold" in suffixes and "fold" not in _parse_spec(base_name)[1]:
+            base_name = f"{base_name}+fold"  # like for like: folded against folded
         base = next((b for b in results if b.model == base_name and b.compiled == res.compiled
                      and b.error is None), None)
         if base is None or res.error is not None:

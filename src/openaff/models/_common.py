@@ -15,7 +15,23 @@ from timm.layers import create_classifier
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..layers.fusion import AddFusion, create_fusion
 from ..layers.tracing import is_tracing
+
+
+def block_fusion(name: str, channels: int, r: int, **options) -> nn.Module:
+    """``create_fusion`` for a block whose residual input is its own temporary: Add adds into it in place.
+
+    Args:
+        name: fusion type name.
+        channels: channels of both inputs.
+        r: channel reduction of the fusion's attention.
+        options: keyword options of the fusion type.
+    """
+    fusion = create_fusion(name, channels, r, **options)
+    if isinstance(fusion, AddFusion):
+        fusion.inplace = True  # what timm's blocks do (`x += shortcut`): no fresh full-size tensor
+    return fusion
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int) -> None:

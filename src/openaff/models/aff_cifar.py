@@ -20,8 +20,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..layers import create_fusion
-from ._common import ClassifierMixin, check_image_batch, init_weights, make_stages
+from ._common import ClassifierMixin, block_fusion, check_image_batch, init_weights, make_stages
 from .aff_resnet import FusionBottleneck
 
 __all__ = ["AFFCifarPreActResNet", "AFFCifarResNeXt", "PreActBlock"]
@@ -52,7 +51,7 @@ class PreActBlock(nn.Module):
         self.act2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.downsample = downsample
-        self.fusion = create_fusion(fusion, planes, r)
+        self.fusion = block_fusion(fusion, planes, r)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from ..layers import AddFusion
-from ..layers.fusion import create_fusion, fusion_options
+from ..layers.fusion import fusion_options
+from ._common import block_fusion
 from .aff_cifar import AFFCifarPreActResNet
 
 __all__ = ["AFFCifarInceptionResNet", "DilatedPairCell", "InceptionPreActBlock"]
@@ -59,7 +60,7 @@ class DilatedPairCell(nn.Module):
         self.conv_d2 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=2, dilation=2, bias=True)
         # The authors' same-layer version of the type; a user's type without scenarios is used as it is.
         options = {"scenario": "same-layer"} if "scenario" in fusion_options(fusion) else {}
-        self.fusion = create_fusion(fusion, out_chs, r, **options)
+        self.fusion = block_fusion(fusion, out_chs, r, **options)
         plain = isinstance(self.fusion, AddFusion)
         self.bn_d1 = nn.Identity() if plain else nn.BatchNorm2d(out_chs)
         self.bn_d2 = nn.Identity() if plain else nn.BatchNorm2d(out_chs)

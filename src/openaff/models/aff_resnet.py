@@ -20,8 +20,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..layers import create_fusion
-from ._common import ClassifierMixin, check_image_batch, init_weights, make_stages
+from ._common import ClassifierMixin, block_fusion, check_image_batch, init_weights, make_stages
 
 __all__ = ["AFFResNet", "FusionBasicBlock", "FusionBottleneck"]
 
@@ -58,7 +57,7 @@ class FusionBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(outplanes)
         self.downsample = downsample
-        self.fusion = create_fusion(fusion, outplanes, r)
+        self.fusion = block_fusion(fusion, outplanes, r)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
         self.act3 = nn.ReLU(inplace=True)
 
@@ -98,7 +97,7 @@ class FusionBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
-        self.fusion = create_fusion(fusion, planes, r)
+        self.fusion = block_fusion(fusion, planes, r)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
         self.act2 = nn.ReLU(inplace=True)
 
