@@ -647,7 +647,10 @@ def gradcam_grid(models: Any, images: Any, *, weights: Sequence[str | Path | Non
             if s.label is not None:
                 correct[i][j] = bool(pred[i] == _resolve_class(s.label, cm, "label"))
     grid = CamGrid(samples, [cm.label for cm in cms], cams, displays, targets, predicted, scores, correct)
-    grid.figure = _grid_figure(grid, cms, boxes, alpha, title or f"{method}: the class each panel names")
+    what = {"predicted": "the predicted class", None: "the predicted class", "label": "the true class"}.get(
+        target if isinstance(target, str) or target is None else "", "the given class")
+    marks = "; red: a wrong prediction" if any(c is False for row in correct for c in row) else ""
+    grid.figure = _grid_figure(grid, cms, boxes, alpha, title or f"{method} of {what}{marks}")
     if output is not None:
         grid.path = _save(grid.figure, output)
     return grid
@@ -1403,8 +1406,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=DATA_CHOICES, default=None,
                    help="built-in images: fashion-mnist-scenes (validation scenes with class and box) or photos "
                         "(scikit-image's astronaut, chelsea, coffee)")
-    p.add_argument("--indices", default=None, help="scene indices, e.g. 0,1,2 or 0-7 (default 0-3); photo names "
-                   "for --data photos")
+    p.add_argument("--indices", default=None, help="scene indices, e.g. 0,1,2 or 0-7 (default 0-3; scenes are made "
+                   "at the first model's input size); photo names for --data photos")
     p.add_argument("--split", choices=("val", "train"), default="val", help="scenes' split (default val)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the Fashion-MNIST idx files of the scenes (default: the Debian package's folder)")
