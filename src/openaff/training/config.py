@@ -61,6 +61,8 @@ def _close(word: str, names: list[str]) -> str:
 def _check_model(name: str) -> str | None:
     import timm
 
+    from ..segmentation import fpn  # noqa: F401  (registers the segmenters with timm)
+
     # hf-hub:..., local-dir:... are resolved by timm.create_model itself.
     if ":" in name or timm.is_model(name):
         return None
@@ -155,8 +157,9 @@ class TrainConfig:
     img_size: int | None = _f(None, "input size (default: the data set's, 224 for image folders)", ge=1)
     crop_pct: float = _f(0.875, "evaluation centre-crop fraction for image folders (224/256)", gt=0, le=1)
     aug: str = _f("crop-flip", "none | crop-flip (pad, random crop, flip; on the batch) | imagenet "
-                               "(random-resized crop, flip, colour jitter; per image)",
-                  choices=("none", "crop-flip", "imagenet"))
+                               "(random-resized crop, flip, colour jitter; per image) | scale-crop-flip "
+                               "(segmentation: random scale 0.5-2, crop, flip of image and mask together)",
+                  choices=("none", "crop-flip", "imagenet", "scale-crop-flip"))
     crop_padding: int = _f(4, "zero padding of the crop-flip random crop", ge=0)
     hflip: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
     auto_augment: str | None = _f(None, "timm AutoAugment/RandAugment spec, e.g. original or rand-m9-mstd0.5",
@@ -208,6 +211,16 @@ class TrainConfig:
         for f in fields(self):
             setattr(self, f.name, _check_field(f, getattr(self, f.name)))
         _check_combinations(self)
+
+    @property
+    def task(self) -> str:
+        """``segment`` for a segmentation model (:mod:`openaff.segmentation`), else ``classify``.
+
+        The model decides (a segmenter cannot classify), so it is not a setting of its own.
+        """
+        from ..segmentation.fpn import is_segmenter
+
+        return "segment" if is_segmenter(self.model) else "classify"
 
 
 # --- the type and range table -------------------------------------------------------------------

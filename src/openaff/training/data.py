@@ -21,7 +21,7 @@ from .config import TrainConfig
 from .datasets import DATASET_STATS, SCENES_CANVAS, ImageData, SeededTransform, load_data, resolve_source
 from .distributed import DistInfo
 from .errors import ConfigError, DataError
-from .loader import BatchPipeline, EvalSampler, TrainSampler, make_loader
+from .loader import BatchPipeline, EvalSampler, TrainSampler, collate, make_loader
 
 __all__ = ["DataBundle", "build_data", "build_transforms"]
 
@@ -44,6 +44,9 @@ def build_transforms(cfg: TrainConfig, kind: str, img_size: int, mean: tuple[flo
     0.08-1, flip, colour jitter, AutoAugment if asked; evaluation: resize ``img_size / crop_pct``,
     centre crop). In-memory data sets only need one for AutoAugment/RandAugment.
     """
+    if cfg.aug == "scale-crop-flip":
+        raise ConfigError("aug scale-crop-flip is the segmentation augmentation (image and mask); use crop-flip for "
+                          f"{cfg.model}, a classifier")
     if kind == "imagefolder":
         common = dict(input_size=img_size, interpolation="bilinear", mean=mean, std=std, use_prefetcher=True)
         evaluate = create_transform(is_training=False, crop_pct=cfg.crop_pct, **common)
@@ -74,6 +77,8 @@ class DataBundle:
     workers: int
     pin_memory: bool
     root: str = ""  # the data set's directory (absolute), recorded with the weights for `openaff eval`
+    collate: Callable = collate  # batches of (images, targets, skipped); segmentation: masks as targets
+    task: str = "classify"  # or "segment" (openaff.segmentation.data)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -99,10 +104,10 @@ class DataBundle:
         """The loader of ``epoch`` from batch ``start`` on (the same batches whenever it is made)."""
         self.sampler.set_epoch(epoch, start)
         transform = getattr(self.data.train, "transform", None) or getattr(self.data.train, "seeded_transform", None)
-        if isinstance(transform, SeededTransform):
+        if isinstance(transform, SeededTransform) or hasattr(transform, "epoch"):
             transform.epoch = epoch  # workers are forked per epoch and see it
         return make_loader(self.data.train, self.sampler, self.workers, self.pin_memory,
-                           seed=self.sampler.seed * 1_000_003 + epoch)
+                           seed=self.sampler.seed * 1_000_003 + epoch, collate_fn=self.collate)
 
 
 def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple[float, ...] | None = None,
@@ -116,7 +121,14 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
         mean: per-channel normalisation mean (default: the data set's); evaluation passes the one
             the weights were trained with.
         std: per-channel normalisation std (default: the data set's).
+
+    A segmentation model (``cfg.task == "segment"``) gets masks as targets
+    (:func:`openaff.segmentation.data.build_segmentation_data`).
     """
+    if cfg.task == "segment":
+        from ..segmentation.data import build_segmentation_data
+
+        return build_segmentation_data(cfg, dist, train, mean, std)
     kind, root = resolve_source(cfg.data, cfg.data_dir)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist.world_size} processes")

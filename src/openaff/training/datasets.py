@@ -31,7 +31,8 @@ __all__ = ["DATASET_STATS", "DATA_KINDS", "FASHION_MNIST_DIR", "SCENES_CANVAS", 
            "SafeImageFolder", "check_limit", "detect_kind", "load_cifar", "load_data", "load_fashion_mnist", "read_idx"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DATA_KINDS = ("fashion-mnist", "fashion-mnist-scenes", "cifar10", "cifar100", "imagefolder")
+# voc: a VOC-style segmentation folder (openaff.segmentation.data), for segmentation models only
+DATA_KINDS = ("fashion-mnist", "fashion-mnist-scenes", "cifar10", "cifar100", "imagefolder", "voc")
 SCENES_CANVAS = 64  # default canvas side of fashion-mnist-scenes
 # Per-channel mean/std of the training images, in [0, 1] units.
 DATASET_STATS = {
@@ -43,6 +44,7 @@ DATASET_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet
+    "voc": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, as encoders trained on it expect
 }
 
 
@@ -373,6 +375,8 @@ def _class_diff(train: SafeImageFolder, val: SafeImageFolder, show: int = 5) -> 
 def detect_kind(path: Path) -> str:
     """Guess the kind of a data directory (or CIFAR archive) from the files in it."""
     names = {p.name for p in path.iterdir()} if path.is_dir() else {path.name}
+    if {"JPEGImages", "SegmentationClass"} <= names or "VOC2012" in names or "VOCdevkit" in names:
+        return "voc"
     if names & {"cifar-100-python", "cifar-100-python.tar.gz"} or {"train", "test", "meta"} <= names:
         return "cifar100"
     if names & {"cifar-10-batches-py", "cifar-10-python.tar.gz", "data_batch_1", "test_batch"}:
@@ -425,6 +429,9 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
     """
     kind, root = resolve_source(data, data_dir)
     mean, std = DATASET_STATS[kind]
+    if kind == "voc":
+        raise DataError(f"{root} is a VOC-style segmentation folder (per-pixel masks, no image classes): train a "
+                        "segmentation model on it, e.g. --model aff_fpn (openaff.segmentation)")
     if kind == "imagefolder":
         val_root = root / "val" if (root / "val").is_dir() else root
         if train and not (root / "train").is_dir():

@@ -65,8 +65,8 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
 
     Args:
         state: model, optimiser and counters; updated in place.
-        loader: yields ``(uint8 images, labels, skipped)``.
-        pipeline: moves, augments and normalises the batches.
+        loader: yields ``(uint8 images, labels, skipped)`` (segmentation: masks for labels).
+        pipeline: moves, augments and normalises the batches (``pipeline.batch``).
         loss_fn: criterion (soft-target when ``mixup`` is set).
         dist: process-group facts.
         amp: ``none | bf16 | fp16``.
@@ -93,8 +93,8 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
         if len(labels) == 0:  # every image of the batch was unreadable (--skip-corrupt)
             state.step += 1
             continue
-        x = pipeline(images, key=(state.epoch, state.step, dist.rank))
-        y = labels.to(dev, non_blocking=True)
+        # Images and targets together: a segmentation pipeline moves masks with their images.
+        x, y = pipeline.batch(images, labels, key=(state.epoch, state.step, dist.rank))
         if mixup is not None:
             if len(y) % 2:  # timm's Mixup pairs images; an odd batch only after skipped files
                 x, y = x[:-1], y[:-1]
@@ -139,12 +139,20 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str = "none",
-             progress: bool = True, desc: str = "eval") -> dict:
+             progress: bool = True, desc: str = "eval", task: str = "classify", num_classes: int | None = None) -> dict:
     """Loss, top-1 and top-5 accuracy (%) over the whole loader, summed over all ranks.
 
+    With ``task="segment"`` the loss is the mean cross-entropy per labelled pixel and the scores come
+    from the pixel confusion matrix, summed over all ranks (:mod:`openaff.segmentation.metrics`).
+
     Returns:
-        ``val_loss``, ``val_top1``, ``val_top5``, ``images`` and ``skipped``.
+        ``val_loss``, ``val_top1``, ``val_top5``, ``images`` and ``skipped``; segmentation:
+        ``val_loss``, ``val_miou``, ``val_pixel_acc``, ``val_mean_acc`` (%), ``class_iou`` (a list),
+        ``confusion`` (``num_classes x num_classes`` int64), ``images`` and ``skipped``.
     """
+    if task == "segment":
+        return _evaluate_segmentation(model, loader, pipeline, dist, amp=amp, progress=progress, desc=desc,
+                                      num_classes=num_classes)
     model.eval()
     dev = dist.device
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, top-1, top-5, images, skipped
@@ -166,3 +174,38 @@ def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, 
     n = max(sums[3].item(), 1)
     return dict(val_loss=sums[0].item() / n, val_top1=100 * sums[1].item() / n, val_top5=100 * sums[2].item() / n,
                 images=int(sums[3].item()), skipped=int(sums[4].item()))
+
+
+def _evaluate_segmentation(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str,
+                           progress: bool, desc: str, num_classes: int | None) -> dict:
+    from ..segmentation.metrics import IGNORE_INDEX, confusion_matrix, scores
+
+    model.eval()
+    dev = dist.device
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, labelled pixels, images, skipped
+    cm = None
+    for images, masks, skipped in tqdm(loader, desc=desc, disable=not (progress and dist.is_main),
+                                       dynamic_ncols=True, mininterval=1.0, leave=False):
+        sums[3] += skipped
+        if len(masks) == 0:
+            continue
+        x, y = pipeline.batch(images, masks)
+        with autocast(dev, amp):
+            out = model(x)
+        out = out.float()
+        k = num_classes or out.shape[1]
+        if cm is None:
+            cm = torch.zeros(k, k, dtype=torch.int64, device=dev)
+        sums[0] += F.cross_entropy(out, y, ignore_index=IGNORE_INDEX, reduction="sum").double()
+        sums[1] += (y != IGNORE_INDEX).sum()
+        sums[2] += len(y)
+        cm += confusion_matrix(out.argmax(1), y, k)
+    if cm is None:  # a rank without validation images still joins the sums
+        k = num_classes or 1
+        cm = torch.zeros(k, k, dtype=torch.int64, device=dev)
+    all_reduce_sum(sums)
+    all_reduce_sum(cm)
+    s = scores(cm.cpu())
+    return dict(val_loss=sums[0].item() / max(sums[1].item(), 1), val_miou=s["miou"], val_pixel_acc=s["pixel_acc"],
+                val_mean_acc=s["mean_acc"], class_iou=s["class_iou"], confusion=cm.cpu(), images=int(sums[2].item()),
+                skipped=int(sums[3].item()))

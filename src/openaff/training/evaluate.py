@@ -217,8 +217,13 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
 
     Returns:
         ``top1``, ``top5`` (%), ``loss``, ``images``, ``skipped``, ``model``, ``weights``, ``data``,
-        ``data_dir``, ``img_size``, ``mean``, ``std`` and ``notes``.
+        ``data_dir``, ``img_size``, ``mean``, ``std``, ``notes`` and ``task`` (``classify``). A segmentation
+        model (``task`` ``segment``; top-1/top-5 None) adds ``miou``, ``pixel_acc``, ``mean_acc`` (%),
+        ``class_iou`` (class name -> IoU %, NaN for a class absent from targets and predictions) and
+        ``confusion`` (rows: true class, columns: predicted).
     """
+    from ..segmentation import fpn  # noqa: F401  (registers the segmenters: their weights evaluate here too)
+
     check_limit(limit, "limit")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive number, got {threads!r}")
@@ -271,6 +276,8 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
         elif rec.img_size and img_size != rec.img_size:
             notes.append(f"evaluating on {img_size} px scenes as asked; the weights were trained on {rec.img_size} px")
         eval_size = img_size
+    elif kind == "voc":  # segmentation folders are evaluated on whole images, whatever the training crop
+        eval_size, size_how = "any", "whole images"
     else:
         eval_size, size_how = native, "the data set's"
         if img_size is None and rec.img_size and rec.img_size != native:
@@ -332,12 +339,18 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
         else:
             for note in notes:
                 warnings.warn(note, stacklevel=2)
-        res = evaluate_loop(net, bundle.val_loader, bundle.eval_pipeline, dist, amp=amp, progress=progress)
+        res = evaluate_loop(net, bundle.val_loader, bundle.eval_pipeline, dist, amp=amp, progress=progress,
+                            task=bundle.task, num_classes=bundle.num_classes)
     finally:
         distributed.cleanup()
-    return dict(model=name, weights=str(rec.source), data=bundle.kind, data_dir=str(root), top1=res["val_top1"],
-                top5=res["val_top5"], loss=res["val_loss"], images=res["images"], skipped=res["skipped"],
-                img_size=eval_size, mean=list(mean), std=list(std), notes=notes)
+    out = dict(model=name, weights=str(rec.source), data=bundle.kind, data_dir=str(root), task=bundle.task,
+               top1=res.get("val_top1"), top5=res.get("val_top5"), loss=res["val_loss"], images=res["images"],
+               skipped=res["skipped"], img_size=eval_size, mean=list(mean), std=list(std), notes=notes)
+    if bundle.task == "segment":
+        out.update(miou=res["val_miou"], pixel_acc=res["val_pixel_acc"], mean_acc=res["val_mean_acc"],
+                   class_iou=dict(zip(bundle.data.classes, res["class_iou"], strict=True)),
+                   confusion=res["confusion"].tolist())
+    return out
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -391,8 +404,16 @@ def _run(args: argparse.Namespace) -> int:
                    cifar100_labels=args.cifar100_labels, limit=args.limit, skip_corrupt=args.skip_corrupt,
                    threads=args.threads, cpu_alloc=args.cpu_alloc, progress=args.progress, log=log)
     skipped = f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""
-    print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): top-1 {res['top1']:.2f} %, "
-          f"top-5 {res['top5']:.2f} %, loss {res['loss']:.4f}")
+    if res["task"] == "segment":
+        from ..segmentation.metrics import class_iou_table
+
+        print(class_iou_table(list(res["class_iou"].values()), list(res["class_iou"])))
+        print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): mIoU {res['miou']:.2f} %, "
+              f"pixel accuracy {res['pixel_acc']:.2f} %, mean class accuracy {res['mean_acc']:.2f} %, "
+              f"loss {res['loss']:.4f}")
+    else:
+        print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): top-1 {res['top1']:.2f} %, "
+              f"top-5 {res['top5']:.2f} %, loss {res['loss']:.4f}")
     if args.json:
         text = json.dumps(res, indent=1) + "\n"
         try:

@@ -51,6 +51,8 @@ def create_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module
     ``num_classes`` and ``in_chans`` come from the data; ``model_kwargs`` may repeat them (a
     converted file records both) but not contradict them.
     """
+    from ..segmentation import fpn  # noqa: F401  (registers the segmenters: a task of the same engine)
+
     kwargs = dict(cfg.model_kwargs)
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         given = kwargs.pop(key, value)
@@ -125,7 +127,9 @@ def create_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, upda
 def build_training(cfg: TrainConfig, data: DataFacts, dist: distributed.DistInfo) -> tuple[TrainState, Criterion]:
     """The training state (model, optimiser, per-step scheduler, scaler, EMA) and the criterion.
 
-    The initial weights depend only on ``cfg.seed``, so they are the same on every rank.
+    The initial weights depend only on ``cfg.seed``, so they are the same on every rank. A
+    segmentation model gets the per-pixel cross-entropy with ignore index 255 (label smoothing
+    allowed, mixup not).
     """
     torch.manual_seed(cfg.seed)
     model = create_model(cfg, data.num_classes, data.in_chans)
@@ -150,6 +154,11 @@ def build_training(cfg: TrainConfig, data: DataFacts, dist: distributed.DistInfo
         forward = torch.compile(forward)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     state = TrainState(model, forward, optimizer, scheduler, scaler, ema)
+    if cfg.task == "segment":  # per-pixel cross-entropy; VOC's 255 (borders, unlabelled) counts nowhere
+        from ..segmentation.metrics import IGNORE_INDEX
+
+        loss = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing)
+        return state, Criterion(loss.to(dist.device))
     if cfg.mixup > 0 or cfg.cutmix > 0:
         # timm's Mixup also smooths the (soft) labels, so the loss is plain soft-target cross-entropy.
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,

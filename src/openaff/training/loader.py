@@ -10,7 +10,7 @@ keeps an accelerator busy with few loader workers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +101,16 @@ def collate(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, torch.tensor([t for _, t in kept], dtype=torch.int64), len(batch) - len(kept)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool, seed: int = 0) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool, seed: int = 0,
+                collate_fn: Callable = collate) -> DataLoader:
     """A DataLoader over ``sampler``'s index batches (workers are restarted every epoch, see SeededTransform).
 
     Its own generator keeps the loader from drawing its worker base seed from the global RNG,
     which would shift the global RNG stream of a resumed run against an uninterrupted one.
+    ``collate_fn`` makes ``(images, targets, skipped)`` batches (segmentation: images and masks).
     """
     extra = dict(prefetch_factor=4) if workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **extra)
 
 
@@ -148,6 +150,11 @@ class BatchPipeline:
         if key is not None and self.erase is not None:
             x = self.erase(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def batch(self, images: torch.Tensor, targets: torch.Tensor, key: tuple[int, ...] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(images, key), targets on the device)``: what the loops call (segmentation moves masks too)."""
+        return self(images, key), targets.to(self.device, non_blocking=True)
 
     def augment_masks(self, masks: torch.Tensor, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The crop and flip that ``self(images, key)`` applies to the images, applied to their masks.

@@ -53,7 +53,7 @@ from .data import DataBundle, build_data
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError, NonFiniteLossError, run_command
 from .factory import build_training
-from .metrics import plot_curves, write_csv
+from .metrics import COLUMNS, SEGMENT_COLUMNS, plot_curves, write_csv
 from .resume import Checkpointer, check_finite, load_resume_checkpoint, restore, resume_config
 
 __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_folder", "train"]
@@ -61,7 +61,7 @@ __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_
 # Any of these in a folder means it holds a run (ours, or weights someone saved there): never replaced unasked.
 RUN_FILES = ("last.pt", hub.WEIGHTS_NAME, hub.CONFIG_NAME, "metrics.csv", "best.safetensors")
 # Everything a run writes (best.safetensors: the weights file of earlier versions).
-OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml")
+OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml", "class_iou.csv")
 # An output of None means "a fresh folder under runs/" (see _claim_output).
 
 
@@ -71,8 +71,14 @@ class TrainResult:
 
     output: Path
     history: list[dict] = field(default_factory=list)  # the rows of metrics.csv
-    best_top1: float = -1.0
+    best_top1: float = -1.0  # the best validation score: top-1, or mIoU for a segmentation model (``metric``)
     best_epoch: int = -1
+    metric: str = "val_top1"  # the column the best epoch is chosen by (segmentation: val_miou)
+
+    @property
+    def best_score(self) -> float:
+        """The best validation value of ``metric`` (%)."""
+        return self.best_top1
 
     @property
     def final(self) -> dict:
@@ -260,6 +266,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
     out = Path(cfg.output)
     say = tqdm.write if dist.is_main else (lambda *a, **k: None)
     data = build_data(cfg, dist)
+    seg = data.task == "segment"
     state, criterion = build_training(cfg, data, dist)
     seed = cfg.seed + 1000 * dist.rank  # dropout, drop-path, mixup: different on every rank
     torch.manual_seed(seed)
@@ -301,21 +308,44 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
             hint = "Lower --lr" + ("" if cfg.grad_clip else " or set --grad-clip")
             raise NonFiniteLossError(f"{err}; {save.describe_last()}. {hint}") from None
         if dist.is_main:
-            write_csv(state.history, out / "metrics.csv")
-            plot_curves(state.history, out / "curves.png", title=f"{cfg.model} on {data.kind}")
+            _write_metrics(state.history, out, f"{cfg.model} on {data.kind}", data)
             skipped = f", {row['skipped']} unreadable images skipped" if "skipped" in row else ""
+            scores = (f"mIoU {row['val_miou']:.2f} %, pixel acc {row['val_pixel_acc']:.2f} %" if seg else
+                      f"top-1 {row['val_top1']:.2f} %, top-5 {row['val_top5']:.2f} %")
             say(f"epoch {row['epoch'] + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss "
-                f"{row['val_loss']:.4f}, top-1 {row['val_top1']:.2f} %, top-5 {row['val_top5']:.2f} %, "
-                f"{row['img_per_s']:.0f} img/s, {row['seconds']:.0f} s{skipped}")
-    result = TrainResult(out, state.history, state.best_top1, state.best_epoch)
+                f"{row['val_loss']:.4f}, {scores}, {row['img_per_s']:.0f} img/s, {row['seconds']:.0f} s{skipped}")
+    metric = "val_miou" if seg else "val_top1"
+    result = TrainResult(out, state.history, state.best_top1, state.best_epoch, metric)
     if dist.is_main and state.history:
-        say(f"done in {time.perf_counter() - t_start:.0f} s: final top-1 {result.final['val_top1']:.2f} % "
+        name = "mIoU" if seg else "top-1"
+        table = ""
+        if seg:
+            from ..segmentation.metrics import class_iou_table
+
+            table = (f"per-class IoU after the last epoch (also {out / 'class_iou.csv'}):\n"
+                     + class_iou_table(result.final["class_iou"], data.data.classes) + "\n")
+        load = ("import openaff.segmentation; " if seg else "") + hub.load_line(out)
+        say(f"{table}done in {time.perf_counter() - t_start:.0f} s: final {name} {result.final[metric]:.2f} % "
             f"(best {state.best_top1:.2f} % after epoch {state.best_epoch + 1})\n"
             f"  metrics: {out / 'metrics.csv'}\n  plot:    {out / 'curves.png'}\n"
             f"  weights: {result.weights} (timm hub layout, with {out / hub.CONFIG_NAME})\n"
             f"  resume:  {out / 'last.pt'}, config: {out / 'config.yaml'}\n"
-            f"  load with: {hub.load_line(out)}")
+            f"  load with: {load}")
     return result
+
+
+def _write_metrics(history: list[dict], out: Path, title: str, data: DataBundle) -> None:
+    """metrics.csv and curves.png (and, for segmentation, class_iou.csv), rewritten after every epoch."""
+    if data.task != "segment":
+        write_csv(history, out / "metrics.csv", COLUMNS)
+        plot_curves(history, out / "curves.png", title=title)
+        return
+    from ..segmentation.metrics import write_class_iou_csv
+
+    write_csv(history, out / "metrics.csv", SEGMENT_COLUMNS)
+    write_class_iou_csv(history, data.data.classes, out / "class_iou.csv")
+    plot_curves(history, out / "curves.png", title=title, scores=(("val_miou", "mIoU"), ("val_pixel_acc",
+                "pixel accuracy")), score_title="validation segmentation")
 
 
 def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: distributed.DistInfo, stats: dict,
@@ -323,30 +353,37 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     """Evaluate (and the EMA), append the metrics row, keep the best weights, advance to the next epoch."""
     if dist.distributed and not cfg.sync_bn:
         distribute_bn(state.model, dist.world_size, reduce=False)  # evaluate and save rank 0's BN statistics
-    val = evaluate(state.model, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress)
+    task = dict(task=data.task, num_classes=data.num_classes)
+    val = evaluate(state.model, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress, **task)
     # Checked before anything is kept: diverged weights or BN statistics (the training loss can stay finite
     # while a running_var overflows), and a NaN validation loss, which must never count as a best epoch.
     check_finite(state, dist, f"at the end of epoch {state.epoch}")
     _check_val_loss(val, state.epoch, "")
+    metric = "val_miou" if data.task == "segment" else "val_top1"
+    scores = ("val_miou", "val_pixel_acc", "val_mean_acc") if data.task == "segment" else ("val_top1", "val_top5")
     row = dict(epoch=state.epoch, lr=state.optimizer.param_groups[0]["lr"], train_loss=stats["train_loss"],
-               val_loss=val["val_loss"], val_top1=val["val_top1"], val_top5=val["val_top5"],
-               img_per_s=stats["img_per_s"], seconds=0.0)
-    score, best_model = val["val_top1"], state.model
+               val_loss=val["val_loss"], **{k: val[k] for k in scores}, img_per_s=stats["img_per_s"], seconds=0.0)
+    if data.task == "segment":
+        row["class_iou"] = val["class_iou"]  # class_iou.csv; not a column of metrics.csv
+    score, best_model = val[metric], state.model
     if state.ema is not None:  # then the EMA weights are the ones kept
         ema_val = evaluate(state.ema.module, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp,
-                           progress=cfg.progress, desc="eval EMA")
+                           progress=cfg.progress, desc="eval EMA", **task)
         _check_val_loss(ema_val, state.epoch, "EMA ")
         row.update({f"ema_{k}": v for k, v in ema_val.items() if k.startswith("val_")})
-        score, best_model = ema_val["val_top1"], state.ema.module
+        score, best_model = ema_val[metric], state.ema.module
     if stats["skipped"] or val["skipped"]:
         row["skipped"] = stats["skipped"] + val["skipped"]
     row["seconds"] = time.perf_counter() - t0
     state.history.append(row)
-    if score > state.best_top1:
+    if score > state.best_top1:  # NaN (a segmentation set without labelled pixels) is never the best
         state.best_top1, state.best_epoch = score, state.epoch
         if dist.is_main:
-            _save_best(cfg, data, best_model, dict(epoch=state.epoch, val_top1=score, data=data.kind,
-                                                   data_dir=data.root, ema=state.ema is not None))
+            meta = dict(epoch=state.epoch, **{metric: score}, data=data.kind, data_dir=data.root,
+                        ema=state.ema is not None)
+            if data.task == "segment":
+                meta["task"] = "segment"
+            _save_best(cfg, data, best_model, meta)
     state.epoch, state.step, state.loss_sum, state.seen, state.skipped = state.epoch + 1, 0, 0.0, 0, 0
     return row
 
@@ -361,6 +398,7 @@ def _save_best(cfg: TrainConfig, data: DataBundle, model: torch.nn.Module, metad
     """The best weights as timm's hub layout in the output folder (``config.json`` + ``model.safetensors``)."""
     classes = list(data.data.classes or [])
     folder = data.kind == "imagefolder"  # the evaluation transform of image folders: resize, centre crop
+    # (VOC folders are segmented whole, at their own size: no resize, no crop)
     hub.save_pretrained(model, cfg.output, architecture=cfg.model, model_args=cfg.model_kwargs,
                         input_size=(data.in_chans, data.data.img_size, data.data.img_size), mean=data.mean,
                         std=data.std, crop_pct=cfg.crop_pct if folder else None,
