@@ -284,3 +284,23 @@ def test_smp_builds_fpn_and_unet_on_our_encoders():
         assert unet(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
     n = sum(p.numel() for p in timm.create_model("aff_resnet50", features_only=True).parameters())
     assert sum(p.numel() for p in fpn.encoder.parameters()) == n  # the whole AFF-ResNet-50 trunk
+
+
+def test_the_segment_command(monkeypatch, tmp_path: Path, capsys):
+    import openaff.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "segment", "openaff.segmentation.cli")  # the line cli.py gets
+    assert main(["segment", "models"]) == 0
+    out = capsys.readouterr().out
+    assert "| `aff_fpn_cifar_resnet20` |" in out and "| `iaff_fpn` |" in out
+    assert main(["segment", "train", "--model", "cifar_resnet8", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openaff segment train: error: cifar_resnet8 is a classifier") and err.count("\n") == 1
+    assert main(["segment", "train", "--print-config"]) == 0  # the default recipe: segment-cpu
+    assert "model: aff_fpn_cifar_resnet20" in capsys.readouterr().out
+    assert main(["segment", "predict", "--weights", str(tmp_path / "none"), "--output", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openaff segment predict: error: ") and "does not exist" in err and err.count("\n") == 1
+    from openaff.study import SCENARIOS
+
+    assert SCENARIOS["long-skip"].unavailable is None and SCENARIOS["long-skip"].metric == "val_miou"
