@@ -198,7 +198,7 @@ def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys):
             (["--fusions", "add,nope"], "unknown fusion type(s) nope in --fusions; this openaff has "
                                         + ", ".join(fusion_names())),
             (["--scenario", "middle"], "unknown scenario 'middle'; choose one of same-layer, short-skip, long-skip"),
-            (["--scenario", "long-skip"], "scenario long-skip is not available yet"),
+            (["--scenario", "long-skip"], "scenario long-skip trains on fashion-mnist-scenes; not 'fashion-mnist'"),
             (["--table", "5"], "argument --table: invalid choice: 5"),
             (["--table", "4", "--fusions", "add"], "give --fusions or --table"),
             (["--depths", "0"], "--depths: '0' is not valid"),

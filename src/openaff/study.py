@@ -213,6 +213,13 @@ register_scenario(Scenario("long-skip", "long skip (FPN)", metric="val_miou", me
                                        "short-skip"))
 
 
+
+def _load_scenarios() -> None:
+    """Register the scenarios that live elsewhere: long-skip comes with the segmentation models
+    (:mod:`openaff.segmentation.study`, which imports this module, hence on first use and not at import)."""
+    import openaff.segmentation.study  # noqa: F401
+
+
 # --- settings -------------------------------------------------------------------------------------------------
 
 OVERRIDES = ("epochs", "limit_train", "limit_val", "width_mult")  # study-level: part of every run's numbers
@@ -357,6 +364,9 @@ def _base_config(scn: Scenario, recipe: str, data: str | None, cifar100_labels: 
             values[key] = overrides[key]
     if threads is not None:
         values["threads"] = threads
+    if data is not None and values["data"] != make_config(recipe).data:
+        # The recipe's input size belongs to its own data set (study-cpu: 48 px scenes), not to another one.
+        values["img_size"] = None
     base = make_config(recipe, **values)
     if overrides.get("width_mult") is not None:
         base = make_config({**asdict(base), "model_kwargs": {**base.model_kwargs,
@@ -703,6 +713,7 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
             configuration, or a run that failed (the others keep their results).
         KeyboardInterrupt: Ctrl-C; its note gives the command that continues the study.
     """
+    _load_scenarios()
     scn = SCENARIOS.get(scenario)
     if scn is None:
         raise StudyError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
@@ -1029,6 +1040,7 @@ def summarize(output: str | Path, progress: bool = True) -> StudyResult:
         output: a study folder written by :func:`run_study`.
         progress: print where the files are.
     """
+    _load_scenarios()
     out = Path(output)
     if not out.is_dir():
         raise StudyError(f"--summarize {out}: no such folder")
