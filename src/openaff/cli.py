@@ -26,6 +26,7 @@ COMMANDS = {
     "study": "openaff.study",
     "cam": "openaff.cam",
     "attention": "openaff.cam",
+    "segment": "openaff.segmentation.cli",
 }
 
 __all__ = ["COMMANDS", "OneLineParser", "build_parser", "main", "version"]
