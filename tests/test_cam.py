@@ -44,14 +44,6 @@ SMALL = dict(width_mult=0.25)  # 16/32/64 channels
 TINY = dict(width_mult=0.125)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def photos() -> list[Sample]:
     return photo_samples()  # scikit-image's astronaut, chelsea, coffee

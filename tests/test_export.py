@@ -50,16 +50,6 @@ LEGACY_FOLD = {"aff_resnet": True, "iaff_resnet": False, "aff_resnext": False, "
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these small graphs gain nothing from two, and on a shared machine an
-    OpenMP thread waiting for a descheduled partner spins (a 10 ms forward pass then takes 1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(family: str) -> nn.Module:
     """The family's small model with trained-looking BatchNorms, in eval mode.
 

@@ -21,16 +21,6 @@ from openaff.layers import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from two threads, and on shared cores a second thread spin-waits
-    # for a busy one (a 12 x 12 ResNet-8 pass: 3 ms on one thread, 0.8 s on two of a loaded box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _branch(x, seq, offset, training):
     """Conv1x1(bias) -> BN -> ReLU -> Conv1x1(bias) -> BN from the Sequential's modules, by hand."""
     conv1, bn1, conv2, bn2 = seq[offset], seq[offset + 1], seq[offset + 3], seq[offset + 4]

@@ -26,13 +26,10 @@ TINY = dict(width_mult=0.25)
 @pytest.fixture(autouse=True, scope="module")
 def _quick_settings():
     # As in test_timm_conformance: TorchScript's optimisation passes cost seconds and test nothing
-    # here; one thread, as these tiny models gain nothing from two on shared cores.
+    # here.
     executor = torch._C._jit_set_profiling_executor(True)
     mode = torch._C._jit_set_profiling_mode(False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     torch._C._jit_set_profiling_executor(executor)
     torch._C._jit_set_profiling_mode(mode)
 

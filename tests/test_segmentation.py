@@ -21,8 +21,6 @@ from openaff.layers import fusion_names
 from openaff.segmentation.data import JointTransform, SceneMasks, SegmentationPipeline, VOCSegmentation, read_mask
 from openaff.training import DataError
 
-torch.set_num_threads(1)
-
 # Tiny members of every encoder family (ImageNet families with one block per stage).
 ENCODERS = [
     ("cifar_resnet8", dict(width_mult=0.25)),

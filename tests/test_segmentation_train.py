@@ -19,6 +19,7 @@ import yaml
 from _seg_utils import write_voc
 from _train_utils import env, openaff, write_fashion_mnist
 
+from openaff import load_pretrained
 from openaff.cli import main
 from openaff.segmentation.predict import predict
 from openaff.training import make_config
@@ -184,6 +185,10 @@ def test_study_long_skip_trains_fpn_cells_and_reports_miou(fmnist: Path, tmp_pat
         assert cfg["model"] == "fpn_cifar_resnet8" and cfg["model_kwargs"]["fusion"] == r.fusion
         rows = list(csv.DictReader((Path(r.folder) / "metrics.csv").open()))
         assert r.best == pytest.approx(max(float(x["val_miou"]) for x in rows))
+        # The table's parameters are the trained model's: 11 mask classes (background + 10), not 10.
+        trained = load_pretrained(f"local-dir:{r.folder}")[0]
+        fresh = timm.create_model(cfg["model"], num_classes=trained.num_classes, in_chans=1, **cfg["model_kwargs"])
+        assert trained.num_classes == 11 and r.params == sum(p.numel() for p in fresh.parameters() if p.requires_grad)
     table = res.table.read_text()
     assert "mIoU (%)" in table and "FPN-ResNet-8" in table
     assert "| add | 89.5 |" in table and "| aff | 92.4 |" in table  # the paper's long-skip column beside

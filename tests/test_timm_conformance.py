@@ -60,14 +60,10 @@ RTOL, ATOL = 1e-4, 1e-5
 @pytest.fixture(autouse=True, scope="module")
 def _quick_settings():
     # As timm's tests: the profiling executor's optimisation passes cost seconds per model, and
-    # numbers, not TorchScript's speed, are tested here. One thread: these tiny models gain nothing
-    # from two, and on shared cores a second thread spin-waits for a busy one.
+    # numbers, not TorchScript's speed, are tested here.
     executor = torch._C._jit_set_profiling_executor(True)
     mode = torch._C._jit_set_profiling_mode(False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     torch._C._jit_set_profiling_executor(executor)
     torch._C._jit_set_profiling_mode(mode)
 

@@ -391,9 +391,18 @@ def _base_data(base: TrainConfig) -> dict:
 
 
 def _data_facts(cfg: TrainConfig) -> tuple[int, int, int]:
-    """``(num_classes, in_chans, img_size)`` of the study's data, which is loaded (validation split) to check it."""
+    """``(num_classes, in_chans, img_size)`` of the study's data, which is loaded (validation split) to check it.
+
+    Loaded as training will load it: a segmenter's masks have one class more (background) than the
+    scenes' labels, and its parameter count depends on that.
+    """
     from .training.datasets import load_data
 
+    if cfg.task == "segment":
+        from .segmentation.data import load_segmentation_data
+
+        data = load_segmentation_data(cfg, train=False)
+        return data.num_classes, data.in_chans, data.img_size
     data = load_data(cfg.data, cfg.data_dir, train=False, cifar100_labels=cfg.cifar100_labels, img_size=cfg.img_size)
     return data.num_classes, data.in_chans, data.img_size
 
