@@ -423,7 +423,7 @@ def test_study_grid_has_one_column_per_fusion(tiny_study, tmp_path, monkeypatch)
         seen.update(models=models, rows=len(samples), axes=len(grid.figure.axes), titles=kwargs["titles"])
         return grid
 
-    monkeypatch.setattr(cam, "gradcam_grid", spy)
+    monkeypatch.setattr(cam.study, "gradcam_grid", spy)  # where score_study looks it up
     score_study(tiny_study, tmp_path, limit=8, grid_indices=[3, 4], progress=False)
     assert seen["rows"] == 2 and seen["axes"] == 4 and seen["titles"] == ["add s0", "aff s0"]
 
