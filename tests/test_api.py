@@ -27,3 +27,13 @@ def test_the_module_table_names_import_from_the_package() -> None:
 def test_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
         openaff.nosuch  # noqa: B018
+
+
+def test_segmenters_come_with_the_package() -> None:
+    import timm
+
+    from openaff.segmentation import fpn
+
+    assert openaff.create_segmenter is fpn.create_segmenter and "create_segmenter" in openaff.__all__
+    # `import openaff` registers them: a run folder's "load with" line needs nothing else.
+    assert {"fpn", "aff_fpn", "iaff_fpn", "aff_fpn_cifar_resnet20"} <= set(timm.list_models("*fpn*"))

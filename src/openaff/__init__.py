@@ -1,9 +1,10 @@
 """open-aff: Attentional Feature Fusion (Dai et al., WACV 2021) in PyTorch.
 
-Importing the package registers its models with timm::
+Importing the package registers its models with timm, the segmenters (AFF-FPN) too::
 
     import openaff, timm
     model = timm.create_model("aff_resnet50")
+    fpn = timm.create_model("aff_fpn", encoder="aff_resnet50", num_classes=21)
 
 The jobs of the command line are functions here too: ``openaff.train``, ``openaff.evaluate``,
 ``openaff.load_pretrained`` (imported on first use, so that ``import openaff`` stays light).
@@ -33,6 +34,7 @@ from .layers import (
     fusion_options,
     register_fusion,
 )
+from .segmentation import create_segmenter  # registers fpn, aff_fpn, aff_fpn_cifar_resnet20, ... with timm
 
 __version__ = "0.1.0"
 
@@ -41,9 +43,9 @@ _LAZY = {"train": "openaff.training.train", "evaluate": "openaff.training.evalua
          "load_pretrained": "openaff.hub", "save_pretrained": "openaff.hub"}
 
 __all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "SCENARIOS", "AFFGlobalGlobal", "AFFLocalLocal",
-           "AddFusion", "ConcatAFF", "ConcatFusion", "HalfAFF", "RecursiveAFF", "create_fusion", "evaluate",
-           "fusion_names", "fusion_options", "load_pretrained", "models", "register_fusion", "save_pretrained",
-           "train"]
+           "AddFusion", "ConcatAFF", "ConcatFusion", "HalfAFF", "RecursiveAFF", "create_fusion", "create_segmenter",
+           "evaluate", "fusion_names", "fusion_options", "load_pretrained", "models", "register_fusion",
+           "save_pretrained", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,8 +6,8 @@
     model = seg.create_segmenter("aff_fpn", encoder="aff_resnet50", num_classes=21)   # any timm encoder
     small = seg.create_segmenter("aff_fpn_cifar_resnet20", num_classes=11, in_chans=1)  # the paper's small model
 
-Importing the package registers the segmenters with timm (``timm.create_model("aff_fpn_cifar_resnet20")``),
-so a trained run folder loads with ``timm.create_model("local-dir:RUN", pretrained=True)``. Training,
+``import openaff`` registers the segmenters with timm (``timm.create_model("aff_fpn_cifar_resnet20")``),
+so a trained run folder loads with ``timm.create_model("local-dir:RUN", pretrained=True)`` like any model. Training,
 resuming, DDP and evaluation are the classification engine's (``openaff train`` with a segmentation
 model; ``openaff segment`` for pictures). Modules: ``fpn`` (the models), ``data`` (scenes masks, VOC
 folders, joint augmentation), ``metrics`` (confusion matrix, mIoU), ``predict`` (overlays, grids),

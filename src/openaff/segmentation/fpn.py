@@ -15,7 +15,7 @@ beyond the merge (which levels, the upsampling, the head) is ours, and is writte
 * **Any input size**: the batch is zero-padded (after normalisation: the mean colour) at the
   bottom and right to a multiple of the encoder's total stride, so that every level is exactly
   half the one above, and the logits are cropped back; the output always has the input's size.
-* **Registered names** (after ``import openaff.segmentation``; ``timm.create_model`` builds them):
+* **Registered names** (by ``import openaff``; ``timm.create_model`` builds them):
   ``fpn``, ``aff_fpn``, ``iaff_fpn`` (``encoder=`` any timm name, default ``resnet50d``; the prefix
   is the default ``fusion``), and the paper's small model, the FPN on the pre-activation ResNet-b
   (:mod:`openaff.models.aff_cifar`, plain additive blocks: the fusion under study is the

@@ -324,13 +324,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
 
             table = (f"per-class IoU after the last epoch (also {out / 'class_iou.csv'}):\n"
                      + class_iou_table(result.final["class_iou"], data.data.classes) + "\n")
-        load = ("import openaff.segmentation; " if seg else "") + hub.load_line(out)
         say(f"{table}done in {time.perf_counter() - t_start:.0f} s: final {name} {result.final[metric]:.2f} % "
             f"(best {state.best_top1:.2f} % after epoch {state.best_epoch + 1})\n"
             f"  metrics: {out / 'metrics.csv'}\n  plot:    {out / 'curves.png'}\n"
             f"  weights: {result.weights} (timm hub layout, with {out / hub.CONFIG_NAME})\n"
             f"  resume:  {out / 'last.pt'}, config: {out / 'config.yaml'}\n"
-            f"  load with: {load}")
+            f"  load with: {hub.load_line(out)}")
     return result
 
 
