@@ -80,6 +80,7 @@ def test_train_writes_segmentation_metrics_and_eval_predict_agree(fmnist: Path, 
     pics = predict(out, tmp_path / "pics", n=6, threads=1)
     assert pics["images"] == 6 and len(list((tmp_path / "pics" / "overlays").glob("*.png"))) == 6
     assert Path(pics["grid"]).read_bytes()[:4] == b"\x89PNG" and 0 <= pics["miou"] <= 100
+    assert pics["title"].startswith("aff_fpn_cifar_resnet8 (fusion aff): 6 images, mIoU ")
 
 
 def test_sigkill_and_resume_is_bit_identical(fmnist: Path, tmp_path: Path) -> None:

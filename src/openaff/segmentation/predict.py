@@ -162,7 +162,7 @@ def predict(weights: str | Path, output: str | Path, *, images: str | Path | Non
         alpha: opacity of the overlay colours.
 
     Returns:
-        ``grid``, ``overlays`` (paths), ``images`` (count) and, with ground truth, ``miou`` and
+        ``grid``, ``overlays`` (paths), ``images`` (count), ``title`` (the grid's) and, with ground truth, ``miou`` and
         ``pixel_acc`` of these images (%).
     """
     from ..hub import load_pretrained
@@ -205,10 +205,11 @@ def predict(weights: str | Path, output: str | Path, *, images: str | Path | Non
         samples.append(dict(name=name, image=arr, mask=mask, pred=pred.numpy().astype(np.uint8)))
     has_gt = all(s["mask"] is not None for s in samples)
     result = dict(images=len(samples), overlays=[str(p) for p in paths])
-    title = f"{info['architecture']}: {len(samples)} images"
+    fusion = getattr(net, "fusion", None)  # the merges' fusion: the registered name alone may not say it
+    title = f"{info['architecture']}{f' (fusion {fusion})' if fusion else ''}: {len(samples)} images"
     if has_gt:
         s = scores(cm)
         result.update(miou=s["miou"], pixel_acc=s["pixel_acc"])
         title += f", mIoU {s['miou']:.1f} % on these"
-    result["grid"] = str(save_grid(out / "grid.png", samples, names, cols, title))
+    result.update(title=title, grid=str(save_grid(out / "grid.png", samples, names, cols, title)))
     return result
