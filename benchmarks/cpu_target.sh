@@ -6,7 +6,7 @@
 # RUNS separate processes of ROUNDS paired rounds each, for each memory format in FORMATS (the same for
 # the model and its baseline), and with COMPILED=1 one process per format of the compiled pair.
 #
-#   bash benchmarks/cpu_target.sh            # RUNS=4 ROUNDS=12 FORMATS="nchw cl" COMPILED=1: ~20 minutes on the 2-core VM
+#   bash benchmarks/cpu_target.sh            # RUNS=4 ROUNDS=12 FORMATS="nchw cl" COMPILED=1: ~40 minutes on the 2-core VM
 #   ALLOC=system OUT=/tmp/system bash benchmarks/cpu_target.sh   # the same with the system's malloc
 #
 # On a shared VM one process can be a few per cent slower for one model than another process is

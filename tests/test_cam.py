@@ -359,6 +359,8 @@ def test_score_models_on_scenes(scene_run, fm_dir):
     boxes = np.asarray([s.box for s in samples], dtype=float)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 48 ** 2
     assert row["box_fraction"] == pytest.approx(area.mean())
+    with pytest.raises(ConfigError, match="2 weight sources for 1 models"):
+        score_models(scene_run, samples, weights=[None, None])
 
 
 # --- a study ------------------------------------------------------------------------------------------------------

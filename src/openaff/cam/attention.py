@@ -124,7 +124,6 @@ def attention_maps(model: Any, image: Any, *, weights: str | Path | None = None,
             h.remove()
     maps = []
     for name in first_call:
-        m = cm.model.get_submodule(name)
         rec = records[name]
         h, w = (int(v) for v in rec.pop("_input_shape")[2:])
         fused = rec.pop("_fuse", None)

@@ -124,6 +124,9 @@ def score_models(models: Any, samples: Sequence[Sample], *, weights: Sequence[st
     if lacking or not samples:
         raise DataError(f"the localisation score needs images with a box and a label; {lacking[0]} has none"
                         if lacking else "no images to score")
+    if weights is not None and len(weights) != len(models):
+        raise ConfigError(f"{len(weights)} weight sources for {len(models)} models: give one per model (None for "
+                          "a model's own or random weights)")
     rows = []
     for j, m in enumerate(models):
         cm = load_model(m, None if weights is None else weights[j], model_kwargs=model_kwargs)
