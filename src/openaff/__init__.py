@@ -25,10 +25,16 @@ from .layers import (
     AddFusion,
     AFFGlobalGlobal,
     AFFLocalLocal,
+    AlignedFusion,
     ConcatAFF,
     ConcatFusion,
+    ContextSyncBatchNorm,
     HalfAFF,
+    MSCAMAttention,
+    MultiInputAFF,
+    MultiInputIAFF,
     RecursiveAFF,
+    convert_sync_batchnorm,
     create_fusion,
     fusion_names,
     fusion_options,
@@ -43,9 +49,10 @@ _LAZY = {"train": "openaff.training.train", "evaluate": "openaff.training.evalua
          "load_pretrained": "openaff.hub", "save_pretrained": "openaff.hub"}
 
 __all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "SCENARIOS", "AFFGlobalGlobal", "AFFLocalLocal",
-           "AddFusion", "ConcatAFF", "ConcatFusion", "HalfAFF", "RecursiveAFF", "create_fusion", "create_segmenter",
-           "evaluate", "fusion_names", "fusion_options", "load_pretrained", "models", "register_fusion",
-           "save_pretrained", "train"]
+           "AddFusion", "AlignedFusion", "ConcatAFF", "ConcatFusion", "ContextSyncBatchNorm", "HalfAFF",
+           "MSCAMAttention", "MultiInputAFF", "MultiInputIAFF", "RecursiveAFF", "convert_sync_batchnorm",
+           "create_fusion", "create_segmenter", "evaluate", "fusion_names", "fusion_options", "load_pretrained",
+           "models", "register_fusion", "save_pretrained", "train"]
 
 
 def __getattr__(name: str) -> Any:

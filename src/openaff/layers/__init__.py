@@ -27,12 +27,17 @@ from .fusion import (
     fusion_options,
     register_fusion,
 )
-from .mscam import MSCAM, ContextBatchNorm2d
+from .fusion_aligned import AlignedFusion, Projection
+from .fusion_multi import MultiInputAFF, MultiInputIAFF
+from .mscam import MSCAM, ContextBatchNorm1d, ContextBatchNorm2d, ContextBatchNorm3d
+from .mscam_attention import MSCAMAttention
+from .sync_batchnorm import ContextSyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "AFF",
     "IAFF",
     "MSCAM",
+    "MSCAMAttention",
     "MSGAU",
     "MSSA",
     "MSSE",
@@ -40,13 +45,21 @@ __all__ = [
     "AFFGlobalGlobal",
     "AFFLocalLocal",
     "AddFusion",
+    "AlignedFusion",
     "ConcatAFF",
     "ConcatFusion",
+    "ContextBatchNorm1d",
     "ContextBatchNorm2d",
+    "ContextBatchNorm3d",
+    "ContextSyncBatchNorm",
     "HalfAFF",
+    "MultiInputAFF",
+    "MultiInputIAFF",
+    "Projection",
     "RecursiveAFF",
     "attention_blend",
     "attention_weight",
+    "convert_sync_batchnorm",
     "create_fusion",
     "fusion_kernels",
     "fusion_names",

@@ -22,6 +22,16 @@ Scenarios: every built-in type takes ``scenario=`` (:data:`SCENARIOS`, through
 convolutions, ``x`` the dilated one) gives AFF/iAFF the single-layer attention, no factor 2 and the
 weight on ``y``, and Concat no BatchNorm; the other types are the same in every scenario.
 
+Rank, inputs, widths (``create_fusion``'s own arguments, beside ``channels`` and ``r``; docs/own-network.md):
+
+* ``dims=1, 2, 3``: every built-in type for ``B x C x L``, ``B x C x H x W`` (default) or ``B x C x D x H x W``
+  inputs, with convolutions, BatchNorms and pooling of that rank (the same weight names);
+* ``inputs=k``: ``fuse(x1, ..., xk)`` for ``aff`` and ``iaff`` (:mod:`openaff.layers.fusion_multi`; ``k = 2`` is
+  the two-input module itself);
+* ``in_channels=(C1, C2, ...)`` and/or ``resize="nearest"|"bilinear"``: inputs of other widths and sizes are
+  projected (Conv1x1-BN) to ``channels`` and resized to the finest map first
+  (:class:`openaff.layers.fusion_aligned.AlignedFusion`, the authors' recipe).
+
 Adding a fusion type takes a class with ``__init__(self, channels, r)`` (and keyword options,
 ``scenario`` among them to be usable in every model family) and ``forward(x, y)`` decorated with
 ``@register_fusion("name")``; every model family picks it up by name.
@@ -49,7 +59,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .fused_ops import attention_blend, fusion_recompute, recompute_context
-from .mscam import MSCAM, ContextBatchNorm2d
+from .mscam import CONTEXT_BATCH_NORMS, CONVS, MSCAM, check_dims, shape_name
 from .tracing import is_tracing
 
 __all__ = [
@@ -109,36 +119,83 @@ def _lookup(name: str) -> type[nn.Module]:
     return cls
 
 
+# create_fusion's own arguments, not options of a type.
+_CORE_ARGUMENTS = ("channels", "r", "dims", "inputs")
+# k-input forms (fusion type name -> class taking `inputs=`), filled by openaff.layers.fusion_multi.
+MULTI_INPUT: dict[str, type[nn.Module]] = {}
+
+
 def fusion_options(name: str) -> list[str]:
-    """The keyword options of fusion type ``name`` beside ``channels`` and ``r`` (e.g. ``["scenario"]``)."""
+    """The keyword options of fusion type ``name`` beside ``channels``, ``r`` and ``dims`` (e.g. ``["scenario"]``)."""
     params = list(inspect.signature(_lookup(name).__init__).parameters.values())[1:]  # without self
-    return [p.name for p in params if p.name not in ("channels", "r")
+    return [p.name for p in params if p.name not in _CORE_ARGUMENTS
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def create_fusion(name: str, channels: int, r: int = 4, **options: Any) -> nn.Module:
+def _takes(cls: type[nn.Module], arg: str) -> bool:
+    params = inspect.signature(cls.__init__).parameters
+    return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def create_fusion(name: str, channels: int, r: int = 4, *, dims: int = 2, inputs: int | None = None,
+                  in_channels: tuple[int, ...] | None = None, resize: str | None = None, **options: Any) -> nn.Module:
     """Build a fusion module from its short name.
 
     Args:
         name: one of :func:`fusion_names` (``"add"``, ``"aff"``, ``"iaff"``, ...), case-insensitive.
-        channels: channels of both inputs (and of the output).
+        channels: channels of the inputs (and of the output).
         r: channel reduction of the MS-CAMs inside (ignored by fusions without a bottleneck).
+        dims: spatial rank of the inputs: 1 (``B x C x L``), 2 (``B x C x H x W``, default) or 3
+            (``B x C x D x H x W``).
+        inputs: number of inputs ``k`` (default 2, or ``len(in_channels)``); ``k > 2`` builds the type's
+            k-input form (``aff``, ``iaff``: :mod:`openaff.layers.fusion_multi`).
+        in_channels: channels of each input when they differ from ``channels``: those inputs are projected by
+            Conv1x1-BN first (:class:`~openaff.layers.fusion_aligned.AlignedFusion`).
+        resize: ``"nearest"`` or ``"bilinear"``: inputs of different sizes are resized to the finest one (with
+            ``in_channels`` the default is ``"nearest"``).
         options: the type's keyword options (:func:`fusion_options`); every built-in type takes
             ``scenario`` (one of :data:`SCENARIOS`, default ``"short-skip"``), which selects the
             authors' version of the module for that place of fusion.
 
     Raises:
-        ValueError: an unknown name, an option the type does not have, or a bad option value.
+        ValueError: an unknown name, an option the type does not have, a bad option value, or a rank or number
+            of inputs the type has no form for.
     """
     cls = _lookup(name)
+    key = _canonical(name)
+    check_dims(dims, f"fusion type {key!r}")
+    if in_channels is not None:
+        in_channels = tuple(in_channels)
+        if inputs is not None and inputs != len(in_channels):
+            raise ValueError(f"fusion type {key!r}: inputs={inputs} but {len(in_channels)} in_channels given")
+    k = inputs if inputs is not None else (len(in_channels) if in_channels is not None else 2)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise ValueError(f"fusion type {key!r}: inputs must be an integer >= 2, got {k!r}")
+    if k > 2:
+        if key not in MULTI_INPUT:
+            raise ValueError(f"fusion type {key!r} has no form for {k} inputs; use "
+                             f"{' or '.join(map(repr, MULTI_INPUT))} (create_fusion('aff', C, r, inputs={k})) "
+                             "or fuse pairwise")
+        cls = MULTI_INPUT[key]
+        options["inputs"] = k
     params = inspect.signature(cls.__init__).parameters.values()
     if options and not any(p.kind is p.VAR_KEYWORD for p in params):  # a **kwargs class checks its own
-        known = fusion_options(name)
+        known = fusion_options(name) + (["inputs"] if k > 2 else [])
         bad = [k for k in options if k not in known]
         if bad:
             raise ValueError(f"fusion type {_canonical(name)!r} has no option {bad[0]!r}; its options: "
                              f"{', '.join(known) or 'none'}")
-    return cls(channels, r, **options)
+    if dims != 2:
+        if not _takes(cls, "dims"):
+            raise ValueError(f"fusion type {key!r} has no {dims}-D form (its class takes no dims=); use a built-in "
+                             "type or give the class a dims argument")
+        options["dims"] = dims
+    fusion = cls(channels, r, **options)
+    if in_channels is None and resize is None:
+        return fusion
+    from .fusion_aligned import AlignedFusion  # the wrapper builds on this module
+
+    return AlignedFusion(fusion, channels, in_channels or (channels,) * k, resize=resize or "nearest", dims=dims)
 
 
 def check_scenario(scenario: str, fusion: str = "fusion") -> str:
@@ -154,17 +211,37 @@ def check_scenario(scenario: str, fusion: str = "fusion") -> str:
     return key
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
+def _check_pair(x: torch.Tensor, y: torch.Tensor, channels: int, ndim: int = 4) -> None:
     # One shape read on the good path: this runs in every fusion of every eager forward pass.
     shape = x.shape
-    if shape != y.shape or len(shape) != 4 or shape[1] != channels:
-        _bad_pair(x, y, channels)
+    if shape != y.shape or len(shape) != ndim or shape[1] != channels:
+        bad_inputs((x, y), channels, ndim - 2)
 
 
-def _bad_pair(x: torch.Tensor, y: torch.Tensor, channels: int) -> None:
-    if x.shape != y.shape:
-        raise ValueError(f"fusion inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    raise ValueError(f"fusion expects B x {channels} x H x W inputs, got {tuple(x.shape)}")
+_RANK_HINT = {3: "dims=1", 4: "dims=2", 5: "dims=3"}
+
+
+def bad_inputs(xs: tuple[torch.Tensor, ...], channels: int, dims: int) -> None:
+    """Raise the one-line ValueError for fusion inputs that do not fit (shape, rank, channels), naming what to use.
+
+    Args:
+        xs: the inputs.
+        channels: the channels the module was built for.
+        dims: the spatial rank it was built for.
+    """
+    shapes = [tuple(t.shape) for t in xs]
+    ranks = {len(s) for s in shapes}
+    if len(ranks) == 1 and len(shapes[0]) != dims + 2:
+        hint = _RANK_HINT.get(len(shapes[0]))
+        raise ValueError(f"fusion expects {shape_name(dims, channels)} inputs, got {shapes[0]}"
+                         + (f"; build it with create_fusion(..., {hint})" if hint else ""))
+    if len(set(shapes)) > 1:
+        widths = ", ".join(str(s[1]) if len(s) > 1 else "?" for s in shapes)
+        raise ValueError(f"fusion inputs must have the same shape, got {' and '.join(map(str, shapes))}; for maps of "
+                         f"different channels or sizes use create_fusion(name, {channels}, r, in_channels=({widths}), "
+                         "resize='nearest')")
+    raise ValueError(f"fusion expects {shape_name(dims, channels)} inputs, got {shapes[0]}; for inputs of another "
+                     f"width use create_fusion(name, {channels}, r, in_channels=(...))")
 
 
 def _blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -186,17 +263,20 @@ class _AttentionFusion(nn.Module):
         r: channel reduction of the MS-CAMs.
         scenario: one of :data:`SCENARIOS` (stored canonical as ``self.scenario``).
         mscams: attribute names of the MS-CAMs to build.
+        dims: spatial rank of the inputs (1, 2 or 3).
         mscam_options: keyword options of every :class:`MSCAM` built.
     """
 
     def __init__(self, channels: int, r: int = 4, scenario: str = "short-skip", mscams: tuple[str, ...] = ("mscam",),
-                 **mscam_options: Any) -> None:
+                 dims: int = 2, **mscam_options: Any) -> None:
         super().__init__()
         self.channels = channels
         self.scenario = check_scenario(scenario, type(self).__name__)
+        self.dims = check_dims(dims, type(self).__name__)
+        self._ndim = dims + 2
         self.recompute = fusion_recompute()
         for name in mscams:  # attribute names are weight names: the authors' files depend on them
-            self.add_module(name, MSCAM(channels, r, **mscam_options))
+            self.add_module(name, MSCAM(channels, r, dims=dims, **mscam_options))
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -210,15 +290,20 @@ class _AttentionFusion(nn.Module):
         if torch.jit.is_scripting() or is_tracing():
             return self.formula(x, y)
         else:
-            _check_pair(x, y, self.channels)
+            _check_pair(x, y, self.channels, self._ndim)
             if self.recompute and self.training and torch.is_grad_enabled():
-                if torch.compiler.is_compiling():
-                    # The compiled graph is functional: the BatchNorm buffer updates happen once, in the
-                    # forward graph, whatever the partitioner recomputes, so no marker is needed (or allowed).
-                    return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False)
-                return checkpoint(self._fuse, x, y, use_reentrant=False, preserve_rng_state=False,
-                                  context_fn=recompute_context)
+                return self._recomputed(x, y)
             return self._fuse(x, y)
+
+    @torch.jit.unused
+    def _recomputed(self, *xs: torch.Tensor) -> torch.Tensor:
+        """``_fuse(*xs)`` keeping only the inputs for the backward pass, which runs it again."""
+        if torch.compiler.is_compiling():
+            # The compiled graph is functional: the BatchNorm buffer updates happen once, in the
+            # forward graph, whatever the partitioner recomputes, so no marker is needed (or allowed).
+            return checkpoint(self._fuse, *xs, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint(self._fuse, *xs, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=recompute_context)
 
 
 @register_fusion("add")
@@ -232,12 +317,14 @@ class AddFusion(nn.Module):
         channels: channels of ``x`` and ``y``.
         r: unused.
         scenario: one of :data:`SCENARIOS`; the same module in all.
+        dims: spatial rank of the inputs (any rank adds alike; stored for the record).
     """
 
-    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", dims: int = 2) -> None:
         super().__init__()
         self.channels = channels
         self.scenario = check_scenario(scenario, "add")
+        self.dims = check_dims(dims, "add")
         # Set by a block whose x is its own temporary (its last BN or conv output): y is then added into
         # x's memory, as timm's blocks do (`x += shortcut`), instead of into a fresh tensor, which cost
         # the add-twin of AFF-ResNet-50 several per cent against resnet50d on the CPU.
@@ -255,9 +342,9 @@ class _SoftSelection(_AttentionFusion):
     _branches = ("local", "global")
     _mscams: tuple[str, ...] = ("mscam",)
 
-    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", dims: int = 2) -> None:
         same = check_scenario(scenario, self.fusion_name) == "same-layer"
-        super().__init__(channels, r, scenario, self._mscams, branches=self._branches,
+        super().__init__(channels, r, scenario, self._mscams, dims, branches=self._branches,
                          layers="single" if same else "bottleneck")
         self.same_layer = same
 
@@ -279,6 +366,7 @@ class AFF(_SoftSelection):
         channels: channels of ``x`` and ``y``.
         r: channel reduction of the MS-CAM (unused by the single-layer attention of the same layer).
         scenario: one of :data:`SCENARIOS`.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -336,6 +424,7 @@ class IAFF(_SoftSelection):
         channels: channels of ``x`` and ``y``.
         r: channel reduction of both MS-CAMs (unused by the same layer's single-layer attention).
         scenario: one of :data:`SCENARIOS`.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     _mscams = ("mscam1", "mscam2")
@@ -368,32 +457,37 @@ class ConcatFusion(nn.Module):
         r: unused.
         scenario: one of :data:`SCENARIOS`.
         norm: BatchNorm on the concatenation or not; None: the authors' choice for ``scenario``.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
-    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", norm: bool | None = None) -> None:
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", norm: bool | None = None,
+                 dims: int = 2) -> None:
         super().__init__()
         self.channels = channels
         self.scenario = check_scenario(scenario, "concat")
+        self.dims = check_dims(dims, "concat")
+        self._ndim = dims + 2
         if norm is None:
             norm = self.scenario != "same-layer"
         elif not isinstance(norm, bool):
             raise ValueError(f"concat: norm must be True, False or None, got {norm!r}")
-        layers: list[nn.Module] = [ContextBatchNorm2d(2 * channels)] if norm else []
-        self.proj = nn.Sequential(*layers, nn.Conv2d(2 * channels, channels, 1, bias=True))
+        layers: list[nn.Module] = [CONTEXT_BATCH_NORMS[dims](2 * channels)] if norm else []
+        self.proj = nn.Sequential(*layers, CONVS[dims](2 * channels, channels, 1, bias=True))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not is_tracing():
-            _check_pair(x, y, self.channels)
+            _check_pair(x, y, self.channels, self._ndim)
         return self.proj(torch.cat([x, y], dim=1))
 
 
 class _ModulationFusion(_AttentionFusion):
     """MS-SE / MS-GAU / MS-SA: one attention, the study code's single-layer ``sigmoid(L1 + G1)`` by default."""
 
-    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", bottleneck: bool = False) -> None:
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", bottleneck: bool = False,
+                 dims: int = 2) -> None:
         if not isinstance(bottleneck, bool):
             raise ValueError(f"{self.fusion_name}: bottleneck must be True or False, got {bottleneck!r}")
-        super().__init__(channels, r, scenario, layers="bottleneck" if bottleneck else "single")
+        super().__init__(channels, r, scenario, dims=dims, layers="bottleneck" if bottleneck else "single")
 
 
 @register_fusion("ms_se")
@@ -408,6 +502,7 @@ class MSSE(_ModulationFusion):
         r: channel reduction, with ``bottleneck=True`` only.
         scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
         bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -426,6 +521,7 @@ class MSGAU(_ModulationFusion):
         r: channel reduction, with ``bottleneck=True`` only.
         scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
         bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -444,6 +540,7 @@ class MSSA(_ModulationFusion):
         r: channel reduction, with ``bottleneck=True`` only.
         scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
         bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -453,8 +550,8 @@ class MSSA(_ModulationFusion):
 class _ShortSkipVariant(_AttentionFusion):
     """The Table 6 variants: short skip in the authors' code; other scenarios build the same module."""
 
-    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
-        super().__init__(channels, r, scenario, **self._mscam_options())
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", dims: int = 2) -> None:
+        super().__init__(channels, r, scenario, dims=dims, **self._mscam_options())
 
     @staticmethod
     def _mscam_options() -> dict[str, Any]:
@@ -477,6 +574,7 @@ class HalfAFF(_ShortSkipVariant):
         channels: channels of ``x`` and ``y``.
         r: channel reduction of the halves.
         scenario: one of :data:`SCENARIOS`.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     @staticmethod
@@ -496,6 +594,7 @@ class ConcatAFF(_ShortSkipVariant):
         channels: channels of ``x`` and ``y``.
         r: channel reduction of both bottleneck branches.
         scenario: one of :data:`SCENARIOS`.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
     @staticmethod
@@ -516,10 +615,11 @@ class RecursiveAFF(_AttentionFusion):
         channels: channels of ``x`` and ``y``.
         r: channel reduction of both MS-CAMs.
         scenario: one of :data:`SCENARIOS`.
+        dims: spatial rank of the inputs (1, 2 or 3).
     """
 
-    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip") -> None:
-        super().__init__(channels, r, scenario, ("mscam1", "mscam2"))
+    def __init__(self, channels: int, r: int = 4, *, scenario: str = "short-skip", dims: int = 2) -> None:
+        super().__init__(channels, r, scenario, ("mscam1", "mscam2"), dims)
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loc, glob = self.mscam1.logits(x + y)

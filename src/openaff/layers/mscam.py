@@ -19,6 +19,11 @@ Speed: the fusion modules call :meth:`MSCAM.logits` and blend with the fused ops
 :func:`openaff.inference.fuse_for_inference` folds the branches' BatchNorms into their convolutions.
 Every op keeps the input's memory format (channels_last stays channels_last). Scripted and traced
 models compute :meth:`MSCAM.formula` instead (see :mod:`openaff.layers.tracing`).
+
+Rank: ``dims=1, 2, 3`` builds the same module with ``Conv1d/2d/3d``, :class:`ContextBatchNorm1d/2d/3d` and
+global pooling of that rank, for ``B x C x L`` (audio, sequences), ``B x C x H x W`` (the default) and
+``B x C x D x H x W`` (volumes) inputs. ``out_channels`` gives attention maps of another width than the
+input (``(k - 1) x C`` for the k-input soft selection of :mod:`openaff.layers.fusion_multi`).
 """
 
 from __future__ import annotations
@@ -33,18 +38,41 @@ from .channels_last_norm import channels_last_batch_norm, use_channels_last_batc
 from .fused_ops import attention_weight, is_recomputing
 from .tracing import is_tracing
 
-__all__ = ["BRANCH_KINDS", "COMBINES", "LAYER_FORMS", "MSCAM", "ContextBatchNorm2d", "GlobalAvgPool2d",
+__all__ = ["BRANCH_KINDS", "COMBINES", "DIMS", "LAYER_FORMS", "MSCAM", "ContextBatchNorm1d", "ContextBatchNorm2d",
+           "ContextBatchNorm3d", "GlobalAvgPool1d", "GlobalAvgPool2d", "GlobalAvgPool3d", "check_dims",
            "context_batch_norm"]
+
+# Spatial ranks the layers are built for: B x C x L, B x C x H x W, B x C x D x H x W.
+DIMS = (1, 2, 3)
+_SHAPES = {1: "B x {} x L", 2: "B x {} x H x W", 3: "B x {} x D x H x W"}
+
+
+def check_dims(dims: int, what: str = "MSCAM") -> int:
+    """``dims`` if it is 1, 2 or 3, else a ValueError naming it.
+
+    Args:
+        dims: spatial rank of the inputs.
+        what: the module, for the message.
+    """
+    if dims not in DIMS or isinstance(dims, bool):
+        raise ValueError(f"{what}: dims must be 1 (B x C x L), 2 (B x C x H x W) or 3 (B x C x D x H x W), "
+                         f"got {dims!r}")
+    return dims
+
+
+def shape_name(dims: int, channels: int | str = "C") -> str:
+    """``"B x 64 x H x W"`` for ``dims=2`` (the inputs' layout, for error messages)."""
+    return _SHAPES[dims].format(channels)
 
 
 def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                        num_batches_tracked: torch.Tensor | None, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, training: bool, momentum: float | None,
                        eps: float) -> torch.Tensor:
-    """``nn.BatchNorm2d``'s computation, with running statistics in a training batch of one value per channel.
+    """``nn.BatchNorm{1,2,3}d``'s computation, with running statistics in a training batch of one value per channel.
 
     Args:
-        x: ``B x C x H x W`` input.
+        x: ``B x C x ...`` input (any rank).
         running_mean: running mean, updated in training when given (None: batch statistics only).
         running_var: running variance, as ``running_mean``.
         num_batches_tracked: counter incremented by a training pass that updates the statistics, or None.
@@ -54,7 +82,7 @@ def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, runni
         momentum: running-average factor; None for a cumulative average.
         eps: added to the variance.
     """
-    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+    if training and x.numel() == x.shape[1]:  # one value per channel, in any rank
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     factor = 0.0 if momentum is None else momentum
     if training and num_batches_tracked is not None:
@@ -64,15 +92,15 @@ def context_batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, runni
     return F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None, factor, eps)
 
 
-class ContextBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that stays defined when a training batch holds one value per channel.
+class _ContextBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (any rank) that stays defined when a training batch holds one value per channel.
 
     The global branch of MS-CAM normalises a ``B x C x 1 x 1`` tensor, so a training batch of
     one gives a single value per channel and batch statistics do not exist (PyTorch raises
     "Expected more than 1 value per channel"). In that case this layer normalises with its
     running statistics, exactly as in evaluation, and leaves them unchanged; gradients still
     flow to the input, gamma and beta. With two or more values per channel it is a plain
-    ``nn.BatchNorm2d`` (the same ``F.batch_norm`` call).
+    ``nn.BatchNorm{1,2,3}d`` (the same ``F.batch_norm`` call).
 
     Scriptable, and one ``call_module`` node for every FX tracer, as PyTorch's own BatchNorm is:
     the traced graph then follows ``train()`` / ``eval()`` and tests the batch size when it runs.
@@ -121,6 +149,31 @@ class ContextBatchNorm2d(nn.BatchNorm2d):
                                         self.weight, self.bias, factor, self.eps)
 
 
+class ContextBatchNorm1d(_ContextBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` (``B x C x L``) that trains on one value per channel: see :class:`ContextBatchNorm2d`."""
+
+
+class ContextBatchNorm2d(_ContextBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d that stays defined when a training batch holds one value per channel.
+
+    The global branch of MS-CAM normalises a ``B x C x 1 x 1`` tensor, so a training batch of
+    one gives a single value per channel and batch statistics do not exist (PyTorch raises
+    "Expected more than 1 value per channel"). In that case this layer normalises with its
+    running statistics, exactly as in evaluation, and leaves them unchanged; gradients still
+    flow to the input, gamma and beta. With two or more values per channel it is a plain
+    ``nn.BatchNorm2d``. :class:`ContextBatchNorm1d` and :class:`ContextBatchNorm3d` are the same for
+    the other ranks; :func:`openaff.layers.convert_sync_batchnorm` keeps the rule under DDP.
+    """
+
+
+class ContextBatchNorm3d(_ContextBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` (``B x C x D x H x W``) that trains on one value per channel (:class:`ContextBatchNorm2d`)."""
+
+
+CONTEXT_BATCH_NORMS: dict[int, type[_ContextBatchNorm]] = {1: ContextBatchNorm1d, 2: ContextBatchNorm2d,
+                                                           3: ContextBatchNorm3d}
+
+
 class _ChannelsLastGlobalMean(torch.autograd.Function):
     """``x.mean((2, 3), keepdim=True)`` whose gradient keeps ``x``'s channels_last layout.
 
@@ -163,27 +216,52 @@ class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
             return F.adaptive_avg_pool2d(x, self.output_size)
 
 
-def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottleneck", relu_out: bool = False
-                    ) -> nn.Sequential:
+class GlobalAvgPool1d(nn.AdaptiveAvgPool1d):
+    """``nn.AdaptiveAvgPool1d(1)``: the global branch's pooling of ``B x C x L`` inputs."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+class GlobalAvgPool3d(nn.AdaptiveAvgPool3d):
+    """``nn.AdaptiveAvgPool3d(1)``: the global branch's pooling of ``B x C x D x H x W`` inputs."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_POOLS: dict[int, type[nn.Module]] = {1: GlobalAvgPool1d, 2: GlobalAvgPool2d, 3: GlobalAvgPool3d}
+_ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_POINTWISE = {nn.Conv1d: ((1,), (0,)), nn.Conv2d: ((1, 1), (0, 0)), nn.Conv3d: ((1, 1, 1), (0, 0, 0))}
+_BatchNorm = nn.modules.batchnorm._BatchNorm  # every BatchNorm with running statistics, SyncBatchNorm included
+
+
+def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottleneck", relu_out: bool = False,
+                    dims: int = 2, out_channels: int | None = None) -> nn.Sequential:
     """One context branch: ``[GAP] -> Conv1x1 -> BN [-> ReLU -> Conv1x1 -> BN] [-> ReLU]``.
 
     ``form`` "bottleneck" is §1's ``C -> C/r -> C`` stack, "single" the study code's ``Conv1x1(C -> C) -> BN``,
     "half" the first half of the bottleneck (``C -> C/r``, ending in its ReLU). ``relu_out`` appends a ReLU
-    (the branches of a concatenating MS-CAM). The Sequential indices are the authors' weight names.
+    (the branches of a concatenating MS-CAM). ``dims`` is the rank of the convolutions, BatchNorms and pooling;
+    ``out_channels`` (default ``channels``) the width of the last convolution. The Sequential indices are the
+    authors' weight names.
     """
-    layers: list[nn.Module] = [GlobalAvgPool2d()] if pool else []
+    conv, norm = CONVS[dims], CONTEXT_BATCH_NORMS[dims]
+    out = channels if out_channels is None else out_channels
+    layers: list[nn.Module] = [_POOLS[dims]()] if pool else []
     if form == "single":
-        layers += [nn.Conv2d(channels, channels, 1, bias=True), ContextBatchNorm2d(channels)]
+        layers += [conv(channels, out, 1, bias=True), norm(out)]
     else:
-        layers += [nn.Conv2d(channels, inter, 1, bias=True), ContextBatchNorm2d(inter), nn.ReLU(inplace=True)]
+        layers += [conv(channels, inter, 1, bias=True), norm(inter), nn.ReLU(inplace=True)]
         if form == "bottleneck":
-            layers += [nn.Conv2d(inter, channels, 1, bias=True), ContextBatchNorm2d(channels)]
+            layers += [conv(inter, out, 1, bias=True), norm(out)]
     if relu_out and form != "half":
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _folded(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv`` followed by ``bn`` (evaluation) as one 1x1 convolution's ``(C_out x C_in, bias)``."""
     w = conv.weight.flatten(1)
     if bn is None:
@@ -199,15 +277,23 @@ def _conv1x1_eval(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
     its blocked layout around every convolution, which for the MS-CAM's ``C -> C/16 -> C`` bottleneck
     costs more than the arithmetic (batch 8, fp32, 2 threads: 10.4 ms as convolutions against 5.0 ms
     as products at 1024 x 14 x 14, 43.6 against 14.2 at 256 x 56 x 56: ``benchmarks/cpu_conv1x1.py``).
-    In channels_last oneDNN's own path is as fast or faster, so it stays.
+    In channels_last oneDNN's own path is as fast or faster, so it stays. Inputs of rank 1 and 3 (``B x C x L``,
+    ``B x C x D x H x W``) take the same products when contiguous, their convolution otherwise.
     """
-    if x.device.type == "cpu" and x.is_contiguous() and x.dim() == 4:
-        n, c, h, wd = x.shape
-        y = torch.matmul(w, x.view(n, c, h * wd))
+    if x.device.type == "cpu" and x.is_contiguous():
+        if x.dim() == 4:
+            n, c, h, wd = x.shape
+            y = torch.matmul(w, x.view(n, c, h * wd))
+            if b is not None:
+                y.add_(b[:, None])
+            return y.view(n, w.shape[0], h, wd)
+        y = torch.matmul(w, x.flatten(2))
         if b is not None:
             y.add_(b[:, None])
-        return y.view(n, w.shape[0], h, wd)
-    return F.conv2d(x, w[:, :, None, None], b)
+        return y.view(x.shape[0], w.shape[0], *x.shape[2:])
+    if x.dim() == 4:
+        return F.conv2d(x, w[:, :, None, None], b)
+    return (F.conv1d if x.dim() == 3 else F.conv3d)(x, w.view(*w.shape, *(1,) * (x.dim() - 2)), b)
 
 
 def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
@@ -224,18 +310,21 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
     for m in (branch, *mods):  # a loop, not any(generator): fewer Python calls on every pass
         if m._forward_hooks or m._forward_pre_hooks:
             return None
-    pooled = isinstance(mods[0], nn.AdaptiveAvgPool2d)
+    pooled = isinstance(mods[0], _ADAPTIVE_POOLS)
+    spatial = x.dim() - 2
     if pooled:
-        if mods[0].output_size not in (1, (1, 1)):
+        if mods[0].output_size not in (1, (1,), (1, 1), (1, 1, 1)):
             return None
-        x, mods = x.mean((2, 3)), mods[1:]
+        x, mods = x.mean((2, 3) if spatial == 2 else tuple(range(2, 2 + spatial))), mods[1:]
     i = 0
     while i < len(mods):
         m = mods[i]
-        if type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0) \
-                and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros":
+        pointwise = _POINTWISE.get(type(m))  # (ones, zeros) of the convolution's rank; None for anything else
+        if pointwise is not None and m.kernel_size == pointwise[0] and m.stride == pointwise[0] \
+                and m.padding == pointwise[1] and m.dilation == pointwise[0] and m.groups == 1 \
+                and m.padding_mode == "zeros":
             bn = mods[i + 1] if i + 1 < len(mods) else None
-            bn = bn if isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and not bn.training else None
+            bn = bn if isinstance(bn, _BatchNorm) and bn.running_mean is not None and not bn.training else None
             w, b = _folded(m, bn)
             x = F.linear(x, w, b) if pooled else _conv1x1_eval(x, w, b)
             i += 2 if bn is not None else 1
@@ -245,7 +334,9 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
             i += 1
         else:
             return None
-    return x[:, :, None, None] if pooled else x
+    if not pooled:
+        return x
+    return x[:, :, None, None] if spatial == 2 else x.view(*x.shape, *(1,) * spatial)
 
 
 BRANCH_KINDS = ("local", "global")
@@ -273,21 +364,29 @@ class MSCAM(nn.Module):
 
     Weight names: ``local_att`` and ``global_att`` (the authors' names); two branches of one kind are
     ``local_att`` and ``local_att2`` (or ``global_att`` and ``global_att2``); the concatenating
-    projection is ``fuse_att``.
+    projection is ``fuse_att``. The names are the same in every rank.
 
     Args:
-        channels: number of input (and output) channels ``C``.
+        channels: number of input channels ``C``.
         r: channel reduction of the bottleneck, ``C // r`` inner channels (at least 1).
         branches: kinds of the two branches, each ``"local"`` or ``"global"`` (order does not matter).
         layers: ``"bottleneck"``, ``"single"`` or ``"half"``, as above.
         combine: ``"add"`` or ``"concat"``, as above.
+        dims: spatial rank of the inputs: 1 (``B x C x L``), 2 (``B x C x H x W``, default) or 3
+            (``B x C x D x H x W``); convolutions, BatchNorms and pooling of that rank.
+        out_channels: channels of the attention (default ``C``): the width of the last convolution of each
+            branch (``combine="add"``) or of the concatenating projection.
     """
 
     def __init__(self, channels: int, r: int = 4, *, branches: tuple[str, str] = ("local", "global"),
-                 layers: str = "bottleneck", combine: str = "add") -> None:
+                 layers: str = "bottleneck", combine: str = "add", dims: int = 2,
+                 out_channels: int | None = None) -> None:
         super().__init__()
         if channels < 1 or r < 1:
             raise ValueError(f"MSCAM needs channels >= 1 and r >= 1, got channels={channels}, r={r}")
+        check_dims(dims)
+        if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
+            raise ValueError(f"MSCAM out_channels must be a positive integer, got {out_channels!r}")
         if isinstance(branches, str) or len(branches) != 2 or any(b not in BRANCH_KINDS for b in branches):
             raise ValueError(f"MSCAM branches must be two of {BRANCH_KINDS}, got {branches!r}")
         if layers not in LAYER_FORMS:
@@ -302,18 +401,24 @@ class MSCAM(nn.Module):
         self.branches = kinds
         self.layers = layers
         self.combine = combine
+        self.dims = dims
+        out = channels if out_channels is None else out_channels
+        self.out_channels = out
         inter = max(channels // r, 1)
         names = (f"{kinds[0]}_att", f"{kinds[1]}_att" + ("2" if kinds[0] == kinds[1] else ""))
+        branch_out = out if combine == "add" else channels  # a concatenating MS-CAM widens in its projection
         for name, kind in zip(names, kinds, strict=True):
-            self.add_module(name, _context_branch(channels, inter, kind == "global", layers, combine == "concat"))
+            self.add_module(name, _context_branch(channels, inter, kind == "global", layers, combine == "concat",
+                                                  dims, branch_out))
         # Read by logits() on every pass: the module dict directly, not nn.Module.__getattr__.
         self._first, self._second = names
         if combine == "concat":
             width = 2 * (inter if layers == "half" else channels)
-            self.fuse_att = nn.Sequential(nn.Conv2d(width, channels, 1, bias=True), ContextBatchNorm2d(channels))
+            self.fuse_att = nn.Sequential(CONVS[dims](width, out, 1, bias=True), CONTEXT_BATCH_NORMS[dims](out))
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two branch outputs before the sigmoid, e.g. ``(L(x), G(x))``: ``B x C x H x W`` or ``B x C x 1 x 1``.
+        """The two branch outputs before the sigmoid, e.g. ``(L(x), G(x))``: ``B x C x H x W`` or ``B x C x 1 x 1``
+        (``out_channels`` instead of ``C``; other ranks alike).
 
         With ``combine="add"``, ``M(x) = sigmoid(sum)``; the fusion modules fuse that sum and sigmoid into
         their blend. In evaluation without autograd the branches' BatchNorms are folded on the fly.

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..layers import create_fusion, fusion_options
+from ..layers import AlignedFusion, create_fusion, fusion_options
 from ..models._common import check_image_batch
 
-__all__ = ["SEGMENTERS", "FPNMerge", "FusionFPN", "create_segmenter", "is_segmenter"]
+__all__ = ["SEGMENTERS", "FPNMerge", "FusionFPN", "create_segmenter", "fusion_share", "is_segmenter"]
 
 # Name prefix -> the default fusion of the registered names.
 _PREFIX = {"": "add", "aff_": "aff", "iaff_": "iaff"}
@@ -54,8 +54,12 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-class FPNMerge(nn.Module):
+class FPNMerge(AlignedFusion):
     """One top-down step: ``smooth(fuse(project(up(high)), low))``.
+
+    The fusion of inputs of other widths and sizes of :mod:`openaff.layers.fusion_aligned` (upsample to the
+    low-level map's size first, then Conv1x1(bias)-BN-ReLU, as the authors' long-skip code), followed by a
+    Conv3x3(bias)-BN-ReLU. Weights: ``project`` (the high-level map's projection), ``fuse``, ``smooth``.
 
     Args:
         high_chs: channels of the high-level (coarser) map.
@@ -67,19 +71,17 @@ class FPNMerge(nn.Module):
 
     def __init__(self, high_chs: int, low_chs: int, fusion: str = "aff", r: int = 4,
                  upsample: str = "bilinear") -> None:
-        super().__init__()
-        self.project = _conv_bn_relu(high_chs, low_chs, 1)
         # The factory's long-skip version where the type has scenarios (a user type may not).
         options = {"scenario": "long-skip"} if "scenario" in fusion_options(fusion) else {}
-        self.fuse = create_fusion(fusion, low_chs, r, **options)
+        # x: the high-level map (larger receptive field), y: the low-level one (the authors' order). A plain
+        # BatchNorm2d in the projection, as this merge always had (the upsampled map has many values per channel).
+        super().__init__(create_fusion(fusion, low_chs, r, **options), low_chs, (high_chs, low_chs),
+                         resize=upsample, resize_first=True, relu=True, size_from=1, norm_layer=nn.BatchNorm2d)
         self.smooth = _conv_bn_relu(low_chs, low_chs, 3)
         self.upsample = upsample
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        kw = dict(align_corners=False) if self.upsample == "bilinear" else {}
-        up = F.interpolate(high, size=low.shape[-2:], mode=self.upsample, **kw)
-        # x: the high-level map (larger receptive field), y: the low-level one (the authors' order).
-        return self.smooth(self.fuse(self.project(up), low))
+        return self.smooth(super().forward(high, low))
 
 
 def _default_levels(reductions: Sequence[int], max_levels: int = 4) -> list[int]:
@@ -107,6 +109,9 @@ class FusionFPN(nn.Module):
         drop_rate: dropout before the classifier.
         pad_to_stride: zero-pad inputs to a multiple of the encoder's stride (and crop the output);
             without it an input of another size is refused with a ValueError.
+        inner_chs: one decoder width for every level, as Lin et al.'s FPN (256 there): a lateral
+            Conv1x1(bias)-BN-ReLU brings each merged level of another width to ``inner_chs`` and every
+            merge fuses at that width (None: each merge at its low level's own width, the default).
     """
 
     is_segmenter = True
@@ -114,7 +119,7 @@ class FusionFPN(nn.Module):
     def __init__(self, encoder: str = "resnet50d", num_classes: int = 21, in_chans: int = 3, fusion: str = "aff",
                  r: int = 4, levels: Sequence[int] | None = None, encoder_kwargs: dict | None = None,
                  pretrained_encoder: bool = False, upsample: str = "bilinear", drop_rate: float = 0.0,
-                 pad_to_stride: bool = True) -> None:
+                 pad_to_stride: bool = True, inner_chs: int | None = None) -> None:
         super().__init__()
         if upsample not in ("bilinear", "nearest"):
             raise ValueError(f"upsample must be bilinear or nearest, got {upsample!r}")
@@ -141,13 +146,20 @@ class FusionFPN(nn.Module):
         self.pad_to_stride = pad_to_stride
         used = [chans[i] for i in self.levels]
         self.reductions = [reds[i] for i in self.levels]
+        self.inner_chs, self.laterals = inner_chs, None
+        if inner_chs is not None:
+            if isinstance(inner_chs, bool) or not isinstance(inner_chs, int) or inner_chs < 1:
+                raise ValueError(f"inner_chs must be a positive number of channels, got {inner_chs!r}")
+            self.laterals = nn.ModuleList(nn.Identity() if c == inner_chs else _conv_bn_relu(c, inner_chs, 1)
+                                          for c in used)
+            used = [inner_chs] * len(used)
         # merges[k] brings level k + 1 (already merged with everything above it) down to level k.
         self.merges = nn.ModuleList(FPNMerge(used[k + 1], used[k], fusion, r, upsample) for k in range(len(used) - 1))
         self.fusion, self.r = fusion, r
         self.drop_rate = drop_rate
         self.num_features = used[0]
         self.head = nn.Conv2d(used[0], num_classes, 1)
-        for m in [*self.merges.modules(), self.head]:
+        for m in [*self.merges.modules(), *(self.laterals.modules() if self.laterals is not None else ()), self.head]:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
@@ -171,9 +183,12 @@ class FusionFPN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The finest merged map (``num_features`` channels, at the shallowest level's reduction)."""
         feats = self.encoder(x)
-        top = feats[self.levels[-1]]
+        maps = [feats[i] for i in self.levels]
+        if self.laterals is not None:
+            maps = [lateral(m) for lateral, m in zip(self.laterals, maps, strict=True)]
+        top = maps[-1]
         for k in range(len(self.merges) - 1, -1, -1):
-            top = self.merges[k](top, feats[self.levels[k]])
+            top = self.merges[k](top, maps[k])
         return top
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,6 +277,13 @@ def _register(name: str) -> None:
 
 for _name in SEGMENTERS:
     _register(_name)
+
+
+def fusion_share(model: FusionFPN) -> tuple[int, int, float]:
+    """``(parameters, parameters of the merges' fusion modules, their share in %)`` of a segmenter (trainable ones)."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fused = sum(p.numel() for m in model.merges for p in m.fuse.parameters() if p.requires_grad)
+    return total, fused, round(100 * fused / total, 2)
 
 
 def create_segmenter(name: str = "aff_fpn", encoder: str | None = None, num_classes: int = 21, **kwargs: Any

@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layers.mscam import _ContextBatchNorm
+from ..layers.sync_batchnorm import convert_sync_batchnorm as convert_context_sync_batchnorm
+from ..layers.sync_batchnorm import synchronised_batch_norm
 from .errors import ConfigError
 
 __all__ = ["CpuSyncBatchNorm", "DistInfo", "all_reduce_sum", "cleanup", "convert_sync_batchnorm", "setup"]
@@ -68,55 +71,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce: the gradient of a sum over processes is the sum of the gradients."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 class CpuSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batches of all processes, for gloo/CPU.
 
     ``nn.SyncBatchNorm`` runs only on accelerators. This version all-reduces the per-channel
-    count, sum and centred sum of squares with a differentiable all-reduce, so gradients flow
-    through the statistics across processes as they do in ``nn.SyncBatchNorm``. Two passes
-    (mean, then centred squares) keep the variance accurate.
+    count, sum and centred sum of squares with a differentiable all-reduce
+    (:func:`openaff.layers.sync_batchnorm.synchronised_batch_norm`), so gradients flow through the
+    statistics across processes as they do in ``nn.SyncBatchNorm``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        dims = (0, 2, 3)
-        n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), n]))
-        count = stats[-1]
-        mean = stats[:-1] / count
-        centred = x - mean.view(1, -1, 1, 1)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), self.momentum)
-        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        return out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else out
+        return synchronised_batch_norm(self, x)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """``nn.SyncBatchNorm`` on accelerators, :class:`CpuSyncBatchNorm` on the CPU (weights and statistics kept)."""
+    """The MS-CAMs' BatchNorms to :class:`~openaff.layers.ContextSyncBatchNorm` (batch-of-one training and the
+    folding kept: :func:`openaff.layers.convert_sync_batchnorm`), the others to ``nn.SyncBatchNorm`` on accelerators
+    and :class:`CpuSyncBatchNorm` on the CPU (weights and statistics kept)."""
     if device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return convert_context_sync_batchnorm(model)
     for name, child in model.named_children():
-        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, CpuSyncBatchNorm):
+        if isinstance(child, _ContextBatchNorm):
+            setattr(model, name, convert_context_sync_batchnorm(child))
+        elif isinstance(child, nn.BatchNorm2d) and not isinstance(child, CpuSyncBatchNorm):
             new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                    child.track_running_stats)
             new.load_state_dict(child.state_dict())
