@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv python3-pip; }
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,cam,onnx,seg]'
+	$(BIN)/python -m pip install -q -e '.[dev,cam,onnx,seg,cluster]'
 	touch $@
 
 demo: install

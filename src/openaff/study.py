@@ -694,7 +694,8 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
               data: str | None = None, recipe: str = "study-cpu", family: str | None = None,
               epochs: int | None = None, limit_train: int | None = None, limit_val: int | None = None,
               width_mult: float | None = None, threads: int | None = None, cifar100_labels: str | None = None,
-              jobs: int = 1, progress: bool = True) -> StudyResult:
+              jobs: int = 1, progress: bool = True, launcher: str | None = None,
+              launcher_config: str | dict | None = None) -> StudyResult:
     """Train the study's missing runs and aggregate all of them; the Python API of ``openaff study``.
 
     Args:
@@ -715,6 +716,9 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
         threads: CPU threads per run (default with ``jobs`` > 1: 1; with 1 job: the recipe's).
         cifar100_labels: ``coarse`` (default for cifar100, as the paper) or ``fine``.
         jobs: runs trained at a time, each in its own process (1: one after the other in this process).
+        launcher: ``local`` (default: this process, or its pool with ``jobs`` > 1), ``slurm`` or
+            ``submitit-local``: each run a submitit job (:mod:`openaff.study_launcher`).
+        launcher_config: the launcher's options, a YAML file, ``KEY=VALUE,...`` or a dict.
         progress: a progress bar over the grid.
 
     Raises:
@@ -735,6 +739,9 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
         raise StudyError(f"--seeds must be an integer >= 1 (the runs use seeds 0 .. N-1), got {seeds!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise StudyError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    from .study_launcher import make_launcher
+
+    runner = make_launcher(launcher, launcher_config, jobs)
     if threads is None and jobs > 1:
         threads = 1  # separate single-threaded processes: the fastest use of a small CPU
     overrides = dict(epochs=epochs, limit_train=limit_train, limit_val=limit_val, width_mult=width_mult)
@@ -770,14 +777,15 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
                     raise StudyError(f"run {fusion}-b{b}-s{seed}: {one_line(err)}") from None
                 cells.append(Cell(fusion, b, seed, cfg, params, gmacs))
     command = _command_line(settings, data_spec, out, overrides, cifar100_labels,
-                            dict(threads=base.threads, jobs=jobs if jobs > 1 else None))
+                            dict(threads=base.threads, jobs=jobs if jobs > 1 else None,
+                                 launcher=runner and runner.name, **{"launcher-config": runner and runner.given}))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with _lock(out):
-        return _execute(out, scn, settings, cells, command, jobs, progress)
+        return _execute(out, scn, settings, cells, command, jobs, progress, runner)
 
 
 def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell], command: str, jobs: int,
-             progress: bool) -> StudyResult:
+             progress: bool, runner: Any = None) -> StudyResult:
     """Train what the study folder lacks (under its lock), keeping the tables up to date after every run."""
     states = {c.name: _cell_state(c) for c in cells}  # refuses foreign folders before anything trains
     planned = {(c.fusion, c.depth, c.seed): (c.params, c.gmacs) for c in cells}
@@ -799,7 +807,11 @@ def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell
     write()
     bar = _bar(len(cells), len(cells) - len(todo), progress)
     try:
-        if jobs == 1:
+        if runner is not None:  # a study_launcher.Launcher: each run a submitit job
+            from .study_launcher import run_cells
+
+            run_cells(runner, todo, out, on_done)
+        elif jobs == 1:
             for cell, state in todo:
                 bar.set_postfix_str(cell.name, refresh=True)
                 _train_in_process(cell, state, out / "logs" / f"{cell.name}.log", scn.train or train)
@@ -1114,6 +1126,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads per run (default: 1 with --jobs > 1, else the recipe's)")
     p.add_argument("--jobs", type=_positive(int), default=1, help="runs trained at a time, each its own process")
+    p.add_argument("--launcher", choices=("local", "submitit-local", "slurm"), default=None,
+                   help="local: this machine's process pool (default); slurm: each run a Slurm job through submitit; "
+                   "submitit-local: submitit's jobs on this machine (see docs/study.md)")
+    p.add_argument("--launcher-config", metavar="YAML|K=V,...", default=None,
+                   help="the launcher's options: a YAML file or KEY=VALUE,... (slurm: partition, time (minutes), "
+                   "gpus_per_task, cpus_per_task, mem, array_parallelism, setup, ...)")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="study folder (default: runs/study-<scenario>-<data>-<time>); an existing one continues")
     p.add_argument("--summarize", metavar="DIR", default=None, help="re-aggregate the study in DIR, train nothing")
@@ -1123,7 +1141,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 _STUDY_FLAGS = ("scenario", "family", "fusions", "table", "depths", "seeds", "data", "cifar100_labels", "recipe",
-                "epochs", "limit_train", "limit_val", "width_mult", "threads", "output")
+                "epochs", "limit_train", "limit_val", "width_mult", "threads", "output", "launcher", "launcher_config")
 
 
 def _run(args: argparse.Namespace) -> int:
