@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import shlex
@@ -48,6 +49,20 @@ def finished(fmnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _cosine_mean(peak: float, total: int, updates: range) -> float:
+    """The mean rate of ``updates`` (0-based) on a cosine from ``peak`` to 0 over ``total`` updates, no warm-up."""
+    return sum(peak * (1 + math.cos(math.pi * t / total)) / 2 for t in updates) / len(updates)
+
+
+def test_metrics_lr_is_the_mean_rate_the_epoch_trained_with(finished: Path) -> None:
+    # A 1-epoch cosine run ends at lr 0; the column must not say the epoch trained at 0 (it was 0.05 -> 0.0073).
+    rows = list(csv.DictReader((finished / "metrics.csv").open()))
+    assert len(rows) == 1 and "lr" not in rows[0]
+    lr_mean = float(rows[0]["lr_mean"])
+    assert lr_mean == pytest.approx(_cosine_mean(0.05, 4, range(4)), rel=1e-5)  # 0.03125 for 4 updates
+    assert load_checkpoint(finished / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 0  # what it logged before
 
 
 def _one_error_line(capsys) -> str:
@@ -111,7 +126,8 @@ def test_resume_with_more_epochs_trains_them_at_the_longer_schedules_lr(finished
     assert "epochs 1 -> 3: the learning rate now follows the 3-epoch schedule from update 4 on (0 -> 0.0375)" in out
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
-    assert float(rows[1]["lr"]) == pytest.approx(0.05 * 0.25)  # end of epoch 2 of 3: cos(2 pi / 3)
+    # lr_mean: the mean of the rates epoch 2's updates 4..7 trained with, on the 3-epoch (12-update) cosine.
+    assert float(rows[1]["lr_mean"]) == pytest.approx(_cosine_mean(0.05, 12, range(4, 8)), rel=1e-5)
     after_three = _params(run)
     moved = [k for k in after_one if not torch.equal(after_one[k], after_three[k])]
     assert len(moved) == len(after_one), "some learnable weights did not change in the extra epochs"
@@ -239,5 +255,12 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_that_works(fmnist: Path,
     assert err.startswith("openaff train: interrupted; continue from the last checkpoint (epoch ")
     cmd = shlex.split(err.split(" with: ", 1)[1])
     assert cmd == ["openaff", "train", "--resume", str(run)]
+    stopped = load_checkpoint(run / "last.pt")
     assert main(cmd[1:]) == 0  # the console script's entry point, in this process
-    assert [r["epoch"] for r in csv.DictReader((run / "metrics.csv").open())] == ["0", "1"]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    # The interrupted epoch's lr_mean covers its updates before and after the resume (16 per epoch, 32 in all),
+    # exactly what an unbroken run logs.
+    assert stopped["step"] > 0, "the last checkpoint is not inside an epoch"
+    assert [float(r["lr_mean"]) for r in rows] == pytest.approx([_cosine_mean(0.05, 32, range(0, 16)),
+                                                                 _cosine_mean(0.05, 32, range(16, 32))], rel=1e-5)

@@ -44,6 +44,8 @@ class TrainState:
     loss_sum: float = 0.0  # sum of per-image training losses so far in this epoch (this rank)
     seen: int = 0  # images trained on so far in this epoch (this rank)
     skipped: int = 0  # unreadable images skipped so far in this epoch (this rank)
+    lr_sum: float = 0.0  # sum of the learning rates this epoch's updates so far trained with (metrics.csv lr_mean)
+    updates: int = 0  # optimizer updates done so far in this epoch
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
     best_top1: float = -1.0
     best_epoch: int = -1
@@ -78,7 +80,8 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
         progress: show a progress bar (rank 0).
 
     Returns:
-        ``train_loss`` (mean over all ranks' images), ``img_per_s`` and ``skipped`` of this epoch.
+        ``train_loss`` (mean over all ranks' images), ``img_per_s``, ``skipped`` and ``lr_mean`` (the mean
+        learning rate of the epoch's updates) of this epoch.
     """
     model, dev = state.forward, dist.device
     model.train()
@@ -111,6 +114,8 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
         state.scaler.update()
         state.step += 1
         state.global_step += 1
+        state.lr_sum += lr
+        state.updates += 1
         state.scheduler.step_update(num_updates=state.global_step)
         if state.ema is not None:
             state.ema.update(state.model, step=state.global_step)
@@ -133,8 +138,11 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
     totals = all_reduce_sum(torch.tensor([state.loss_sum, state.seen, seen_here, state.skipped],
                                          dtype=torch.float64, device=dev))
     bar.close()
+    # What the epoch trained with, as timm's train.py logs for its per-epoch schedules; ours steps per update, so
+    # the mean over the epoch's updates. The rate left in the optimizer is the next update's (0 after a cosine run).
+    lr_mean = state.lr_sum / state.updates if state.updates else float("nan")
     return dict(train_loss=(totals[0] / max(totals[1], 1)).item(), img_per_s=totals[2].item() / max(seconds, 1e-9),
-                skipped=int(totals[3].item()))
+                skipped=int(totals[3].item()), lr_mean=lr_mean)
 
 
 @torch.no_grad()

@@ -13,10 +13,12 @@ from .checkpoint import atomic_write
 
 __all__ = ["COLUMNS", "SEGMENT_COLUMNS", "plot_curves", "write_csv"]
 
-COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "img_per_s", "seconds")
+# lr_mean: the mean learning rate of the epoch's updates (the schedule steps per update; the rate left after an
+# epoch is the next one's, 0 after the last epoch of a cosine run).
+COLUMNS = ("epoch", "lr_mean", "train_loss", "val_loss", "val_top1", "val_top5", "img_per_s", "seconds")
 # Segmentation runs (percentages like top-1; the per-class IoU goes to class_iou.csv).
-SEGMENT_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_miou", "val_pixel_acc", "val_mean_acc", "img_per_s",
-                   "seconds")
+SEGMENT_COLUMNS = ("epoch", "lr_mean", "train_loss", "val_loss", "val_miou", "val_pixel_acc", "val_mean_acc",
+                   "img_per_s", "seconds")
 
 
 def write_csv(rows: list[dict], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> None:

@@ -31,7 +31,10 @@ __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE", "Checkpointer", "check_finite", "lo
            "non_finite", "restore", "resume_config"]
 
 CHECKPOINT_FORMAT = "openaff-train-1"
-_COUNTERS = ("epoch", "step", "global_step", "loss_sum", "seen", "skipped", "history", "best_top1", "best_epoch")
+_COUNTERS = ("epoch", "step", "global_step", "loss_sum", "seen", "skipped", "lr_sum", "updates", "history", "best_top1",
+             "best_epoch")
+# Counters checkpoints of earlier versions lack: a resumed epoch's lr_mean then counts its updates after the resume.
+_NEWER_COUNTERS = ("lr_sum", "updates")
 # Settings a resumed run may change besides `epochs`: they change neither the numbers nor the data (where the
 # data set lives, how many processes load it, threads, display, how often last.pt is written, whether an
 # unreadable image stops the run).
@@ -173,7 +176,8 @@ def restore(ckpt: dict, state: TrainState, dist: DistInfo) -> None:
     # scheduler would keep the old epoch count, and --epochs N would train its extra epochs at lr 0.
     state.scaler.load_state_dict(ckpt["scaler"])
     for name in _COUNTERS:
-        setattr(state, name, ckpt[name])
+        if name in ckpt or name not in _NEWER_COUNTERS:
+            setattr(state, name, ckpt[name])
     state.scheduler.step_update(num_updates=state.global_step)
     rng = ckpt.get("rng") or []
     if len(rng) == dist.world_size:

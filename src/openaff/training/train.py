@@ -360,7 +360,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     _check_val_loss(val, state.epoch, "")
     metric = "val_miou" if data.task == "segment" else "val_top1"
     scores = ("val_miou", "val_pixel_acc", "val_mean_acc") if data.task == "segment" else ("val_top1", "val_top5")
-    row = dict(epoch=state.epoch, lr=state.optimizer.param_groups[0]["lr"], train_loss=stats["train_loss"],
+    row = dict(epoch=state.epoch, lr_mean=stats["lr_mean"], train_loss=stats["train_loss"],
                val_loss=val["val_loss"], **{k: val[k] for k in scores}, img_per_s=stats["img_per_s"], seconds=0.0)
     if data.task == "segment":
         row["class_iou"] = val["class_iou"]  # class_iou.csv; not a column of metrics.csv
@@ -384,6 +384,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
                 meta["task"] = "segment"
             _save_best(cfg, data, best_model, meta)
     state.epoch, state.step, state.loss_sum, state.seen, state.skipped = state.epoch + 1, 0, 0.0, 0, 0
+    state.lr_sum, state.updates = 0.0, 0
     return row
 
 
