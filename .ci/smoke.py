@@ -15,6 +15,7 @@ assert openaff.__version__ == importlib.metadata.version("open-aff"), openaff.__
 from openaff.training import recipe_names  # noqa: E402  (the recipes are package data)
 
 assert "fashion-mnist-cpu" in recipe_names(), recipe_names()
+assert (Path(openaff.__file__).parent / "py.typed").is_file(), "py.typed is not installed"  # PEP 561 marker
 model = timm.create_model("iaff_cifar_resnet8", in_chans=1, num_classes=10, width_mult=0.25).eval()
 with torch.no_grad():
     out = model(torch.randn(2, 1, 28, 28))

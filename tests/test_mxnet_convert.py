@@ -104,7 +104,7 @@ def test_every_printed_load_line_gives_the_mxnet_outputs(stem, output, tmp_path,
         exec(f"net = {line}", scope)
         _check_outputs(scope["net"], COMPACT / f"{stem}.io.npz")
     if output == "folder":
-        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
         assert lines == [f'timm.create_model("local-dir:{out}", pretrained=True)']
 
 

@@ -27,6 +27,7 @@ COMMANDS = {
     "cam": "openaff.cam",
     "attention": "openaff.cam",
     "segment": "openaff.segmentation.cli",
+    "push": "openaff.push",
 }
 
 __all__ = ["COMMANDS", "OneLineParser", "build_parser", "main", "version"]

@@ -36,20 +36,24 @@ def list_openaff_models(pattern: str = "*") -> list[str]:
     return [n for n in timm.list_models(pattern) if n in ours]
 
 
-def model_info(name: str, **kwargs) -> ModelInfo:
-    """Trainable parameters and multiply-adds of one model at its default input size.
+def model_info(name: str, input_size: tuple[int, int, int] | None = None, **kwargs) -> ModelInfo:
+    """Trainable parameters and multiply-adds of one model at its default (or the given) input size.
 
     Args:
         name: a timm model name.
+        input_size: ``(C, H, W)`` to count at (default: the model's ``pretrained_cfg``, with ``in_chans``).
         **kwargs: passed to ``timm.create_model`` (e.g. ``num_classes``).
     """
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs)
     model.eval()
     cfg = model.pretrained_cfg
-    input_size = tuple(cfg["input_size"])
-    if "in_chans" in kwargs:
-        input_size = (kwargs["in_chans"], *input_size[1:])
+    if input_size is not None:
+        input_size = tuple(int(v) for v in input_size)
+    else:
+        input_size = tuple(cfg["input_size"])
+        if "in_chans" in kwargs:
+            input_size = (kwargs["in_chans"], *input_size[1:])
     with FlopCounterMode(display=False) as counter:
         model(torch.empty(1, *input_size, device="meta"))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

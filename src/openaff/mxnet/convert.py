@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import hub
+from ..model_card import write_conversion_card
 from ..models.aff_cifar import RESNET_DEPTHS, RESNEXT_DEPTHS
 from ..training.checkpoint import save_weights
 from ..training.errors import CheckpointError, run_command
@@ -374,7 +375,7 @@ def convert_params(src: str | Path, out: str | Path | None = None, model: str | 
         net.load_state_dict(state, strict=False)  # num_batches_tracked stays; everything else checked above
         net.eval()
         if out is not None:
-            _write(net, spec, src, Path(out), folder)
+            _write(net, spec, src, Path(out), folder, len(arrays))
     except BaseException:
         _remove_dirs(created)
         raise
@@ -391,7 +392,7 @@ def _data_cfg(net: nn.Module) -> dict:
                 interpolation=cfg.get("interpolation"))
 
 
-def _write(net: nn.Module, spec: MXNetModelSpec, src: Path, out: Path, folder: bool) -> None:
+def _write(net: nn.Module, spec: MXNetModelSpec, src: Path, out: Path, folder: bool, arrays: int) -> None:
     data = _data_cfg(net)
     metadata = _header_metadata(src, spec)
     labels = None
@@ -401,6 +402,8 @@ def _write(net: nn.Module, spec: MXNetModelSpec, src: Path, out: Path, folder: b
     if folder:
         hub.save_pretrained(net, out, architecture=spec.name, model_args=spec.kwargs, label_names=labels,
                             metadata=metadata, **data)
+        write_conversion_card(out, source=src.name, sha256=metadata["source_sha256"], arrays=arrays,
+                              family=spec.family, num_classes=int(net.num_classes))
         return
     header = {**metadata, "model": spec.name, "model_kwargs": spec.kwargs, "num_classes": int(net.num_classes),
               "in_chans": int(net.in_chans), **{k: v for k, v in data.items() if v is not None}}
@@ -447,7 +450,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConversionError(str(e)) from None
     how = "given" if args.model else "inferred from the file's names"
     print(f"model: {spec.describe()}, {how}")
-    kind = "timm hub folder: config.json, model.safetensors" if output_is_folder(args.output) else "safetensors"
+    folder = output_is_folder(args.output)
+    kind = "timm hub folder: config.json, model.safetensors, README.md (model card)" if folder else "safetensors"
     print(f"wrote {args.output} ({kind})")
     print("in Python, after `import timm, openaff`:")
     for line in load_lines(args.output, spec, int(net.in_chans)):

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from .. import hub
 from ..cpu_memory import apply_cpu_alloc
+from ..model_card import CARD_NAME, write_run_card
 from . import distributed
 from .checkpoint import atomic_write
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
@@ -61,7 +62,7 @@ __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_
 # Any of these in a folder means it holds a run (ours, or weights someone saved there): never replaced unasked.
 RUN_FILES = ("last.pt", hub.WEIGHTS_NAME, hub.CONFIG_NAME, "metrics.csv", "best.safetensors")
 # Everything a run writes (best.safetensors: the weights file of earlier versions).
-OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml", "class_iou.csv")
+OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml", "class_iou.csv", CARD_NAME)
 # An output of None means "a fresh folder under runs/" (see _claim_output).
 
 
@@ -309,6 +310,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
             raise NonFiniteLossError(f"{err}; {save.describe_last()}. {hint}") from None
         if dist.is_main:
             _write_metrics(state.history, out, f"{cfg.model} on {data.kind}", data)
+            if state.best_epoch >= 0:  # the model card of the best weights so far, with the run's numbers
+                write_run_card(out, cfg, data, state.history, state.best_epoch, dist.world_size)
             skipped = f", {row['skipped']} unreadable images skipped" if "skipped" in row else ""
             scores = (f"mIoU {row['val_miou']:.2f} %, pixel acc {row['val_pixel_acc']:.2f} %" if seg else
                       f"top-1 {row['val_top1']:.2f} %, top-5 {row['val_top5']:.2f} %")
