@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from openaff.cam import (
     scene_samples,
     score_models,
     score_study,
+    size_bins,
 )
 from openaff.cli import main
 from openaff.hub import save_pretrained
@@ -348,17 +350,21 @@ def test_localisation_score_of_hand_made_maps():
 
 def test_score_models_on_scenes(scene_run, fm_dir):
     samples = scene_samples(range(16), canvas=48, data_dir=fm_dir)
-    (row,) = score_models(scene_run, samples)
-    assert row["n"] == 16 and 0 <= row["energy"] <= 1 and 0 <= row["pointing"] <= 1 and 0 <= row["top1"] <= 1
-    # By hand from the maps of the true classes.
+    (row,) = score_models(scene_run, samples, correct_only=False)
+    assert row["n"] == row["scored"] == 16 and 0 <= row["top1"] <= 1
+    assert 0 <= row["energy_model"] <= 1 and 0 <= row["pointing_model"] <= 1
+    # By hand from the maps of the predicted classes, on every scene.
     cm = load_model(scene_run)
     prep = [cam._preprocess(s, cm) for s in samples]
-    maps, _ = compute_cams(cm, torch.cat([p[1] for p in prep]), [s.label for s in samples])
+    maps, _ = compute_cams(cm, torch.cat([p[1] for p in prep]))
     expected = localisation_score(maps, [p[2] for p in prep])
-    assert row["energy"] == pytest.approx(expected.energy_mean) and row["pointing"] == pytest.approx(expected.pointing)
+    assert row["energy_model"] == pytest.approx(expected.energy_mean)
+    assert row["pointing_model"] == pytest.approx(expected.pointing)
     boxes = np.asarray([s.box for s in samples], dtype=float)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 48 ** 2
     assert row["box_fraction"] == pytest.approx(area.mean())
+    assert row["energy_uniform"] == pytest.approx(area.mean(), abs=1e-5)  # a uniform map's energy: the box's share
+    assert row["energy_gain"] == pytest.approx(row["energy_model"] - row["energy_brightness"])
     with pytest.raises(ConfigError, match="2 weight sources for 1 models"):
         score_models(scene_run, samples, weights=[None, None])
 
@@ -384,35 +390,58 @@ def tiny_study(tmp_path_factory, fm_dir) -> Path:
 
 
 def test_study_is_scored_per_fusion_type(tiny_study, tmp_path, capsys):
-    res = score_study(tiny_study, tmp_path / "cam", limit=48, grid_indices=[0, 1, 2], progress=False)
-    assert [(r["run"], r["fusion"], r["seed"], r["n"]) for r in res.runs] == [("add-b1-s0", "add", 0, 48),
-                                                                             ("aff-b1-s0", "aff", 0, 48)]
+    res = score_study(tiny_study, tmp_path / "cam", limit=48, road_limit=3, grid_indices=[0, 1, 2], progress=False)
+    assert [(r["run"], r["set"], r["fusion"], r["seed"], r["n"]) for r in res.runs] == [
+        ("add-b1-s0", "cluttered", "add", 0, 48), ("add-b1-s0", "clean", "add", 0, 48),
+        ("aff-b1-s0", "cluttered", "aff", 0, 48), ("aff-b1-s0", "clean", "aff", 0, 48)]
     assert res.skipped == ["aff-b1-s1: unfinished (0 of 1 epochs)"]
-    assert [(g["fusion"], g["b"], g["n_runs"]) for g in res.groups] == [("add", 1, 1), ("aff", 1, 1)]
-    assert res.settings["canvas"] == 32 and res.settings["target_layer"] == "act_final"
-    # The study's number is the same as scoring the run folder directly.
-    samples = scene_samples(range(48), canvas=32, data_dir=res.runs[1]["data_dir"])
-    (direct,) = score_models(str(tiny_study / "runs" / "aff-b1-s0"), samples)
-    assert res.runs[1]["energy"] == pytest.approx(direct["energy"])
-    assert res.runs[1]["pointing"] == pytest.approx(direct["pointing"])
-    assert res.groups[1]["energy_mean"] == pytest.approx(direct["energy"]) and res.groups[1]["energy_std"] is None
+    assert [(g["set"], g["fusion"], g["b"], g["n_runs"]) for g in res.groups] == [
+        ("cluttered", "add", 1, 1), ("cluttered", "aff", 1, 1), ("clean", "add", 1, 1), ("clean", "aff", 1, 1)]
+    st = res.settings
+    assert st["canvas"] == 32 and st["target_layer"] == "act_final" and st["split"] == "test"
+    assert st["sides"] == [14, 22] and st["bins"] == [[14, 16], [17, 18], [19, 20], [21, 22]]
+    assert st["machine"].startswith(f"{os.cpu_count()}-core ") and st["wall_s"] > 0
+    # The study's numbers are those of scoring the run folder directly, on the correctly classified scenes.
+    run = res.runs[2]
+    samples = scene_samples(range(48), canvas=32, split="test", data_dir=run["data_dir"])
+    (direct,) = score_models(str(tiny_study / "runs" / "aff-b1-s0"), samples, road_limit=3,
+                             bins=size_bins(14, 22, 4))
+    for k in ("correct", "scored", "energy_model", "energy_brightness", "pointing_model", "road_model", "road_centre"):
+        assert run[k] == pytest.approx(direct[k]), k
+    assert run["scored"] == run["correct"] > 0 and run["road_scored"] == min(3, run["correct"])
+    assert [b["n"] for b in run["bins"]] == [b["n"] for b in direct["bins"]] and sum(b["n"] for b in run["bins"]) == 48
+    g = res.groups[1]
+    assert g["energy_model"]["mean"] == pytest.approx(direct["energy_model"]) and g["energy_model"]["std"] is None
+    # The clean set: the same items at the same places, without clutter.
+    clean = scene_samples(range(48), canvas=32, split="test", data_dir=run["data_dir"], clutter=(0, 0))
+    assert [(s.side, s.label) for s in clean] == [(s.side, s.label) for s in samples]
+    for a, b in zip(samples, clean, strict=True):  # occlusion only hides foreground: the box can only grow
+        assert b.box[0] <= a.box[0] and b.box[1] <= a.box[1] and b.box[2] >= a.box[2] and b.box[3] >= a.box[3]
+    (direct_clean,) = score_models(str(tiny_study / "runs" / "aff-b1-s0"), clean, road_limit=3)
+    assert res.runs[3]["energy_model"] == pytest.approx(direct_clean["energy_model"])
     assert set(res.paths) == {"md", "csv", "json", "grid"} and all(p.is_file() for p in res.paths.values())
     with res.paths["csv"].open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["add-b1-s0", "aff-b1-s0"] and float(rows[1]["energy"]) == \
-        pytest.approx(direct["energy"], abs=1e-6)
+    assert [(r["run"], r["set"]) for r in rows] == [(r["run"], r["set"]) for r in res.runs]
+    assert float(rows[2]["energy_model"]) == pytest.approx(direct["energy_model"], abs=1e-6)
+    assert rows[2]["bin0_sides"] == "14-16" and int(rows[2]["bin0_n"]) == direct["bins"][0]["n"]
     doc = json.loads(res.paths["json"].read_text())
-    assert doc["settings"]["scenes"] == 48 and len(doc["groups"]) == 2 and doc["skipped"] == res.skipped
+    assert doc["settings"]["scenes"] == 48 and len(doc["groups"]) == 4 and doc["skipped"] == res.skipped
     md = res.paths["md"].read_text()
-    assert "| add | 1 | 1 |" in md and "| aff | 1 | 1 |" in md and "| uniform map |" in md
-    assert f"`openaff cam --study {tiny_study} -o {tmp_path / 'cam'} --limit 48 --grid-indices 0,1,2`" in md
+    assert f"`openaff cam --study {tiny_study} -o {tmp_path / 'cam'} --limit 48 --road-limit 3 --grid-indices 0,1,2`" \
+        in md
+    assert f"Machine: {st['machine']}; wall time " in md
+    assert "## Cluttered scenes" in md and "## The same scenes without clutter" in md and "ROAD (clean):" in md
+    assert md.count(f"| aff | 1 | 1 | {run['correct']} / 48 | {100 * run['energy_model']:.1f} | "
+                    f"{100 * run['energy_brightness']:.1f} |") == 1
+    assert "| fusion | b | 14-16 px | 17-18 px | 19-20 px | 21-22 px |" in md
     with Image.open(res.paths["grid"]) as img:
         assert img.size[0] > img.size[1] / 3  # 3 scene rows x 2 fusion columns
-    # The command prints the table and writes the same files.
-    assert main(["cam", "--study", str(tiny_study), "-o", str(tmp_path / "cli"), "--limit", "48",
+    # The command prints the tables and writes the same files.
+    assert main(["cam", "--study", str(tiny_study), "-o", str(tmp_path / "cli"), "--limit", "48", "--road-limit", "3",
                  "--grid-indices", "0,1,2"]) == 0
     printed = capsys.readouterr().out
-    assert "| aff | 1 | 1 |" in printed and "cam: aff-b1-s0: energy in box" in printed
+    assert "## Cluttered scenes" in printed and "cam: aff-b1-s0 clean: " in printed
     assert (tmp_path / "cli" / "localisation.csv").read_text() == res.paths["csv"].read_text()
 
 
@@ -426,7 +455,7 @@ def test_study_grid_has_one_column_per_fusion(tiny_study, tmp_path, monkeypatch)
         return grid
 
     monkeypatch.setattr(cam.study, "gradcam_grid", spy)  # where score_study looks it up
-    score_study(tiny_study, tmp_path, limit=8, grid_indices=[3, 4], progress=False)
+    score_study(tiny_study, tmp_path, limit=8, sets=["cluttered"], road_limit=0, grid_indices=[3, 4], progress=False)
     assert seen["rows"] == 2 and seen["axes"] == 4 and seen["titles"] == ["add s0", "aff s0"]
 
 
@@ -454,7 +483,11 @@ def test_attention_command(tmp_path, capsys):
 
 
 def _error(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse's own exits (a bad option value)
+        rc = exit_.code
+    assert rc == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
@@ -487,6 +520,12 @@ def bad_files(tmp_path_factory, scene_run) -> dict[str, Path]:
     (["cam", "{root}/no/such/run", "--data", "photos"], r"weight source \S*no/such/run does not exist"),
     (["cam", "--study", "{root}/no/such/study"], r"study folder \S*no/such/study does not exist"),
     (["cam", "--study", "{root}/empty"], r"\S*empty is not a study folder: it has no runs/"),
+    (["cam", "--study", "{root}/empty", "--target-class", "label"],
+     r"--study scores maps of the predicted class on correctly classified scenes; drop --target-class"),
+    (["cam", "--study", "{root}/empty", "--sets", "cluttered,busy"],
+     r"unknown scene set 'busy'; choose from cluttered, clean"),
+    (["cam", "--study", "{root}/empty", "--road-limit", "some"], r"--road-limit: must be a number of scenes or 'all'"),
+    (["cam", "--study", "{root}/empty", "--size-bins", "0"], r"--size-bins: must be >= 1"),
     (["cam", "aff_cifar_resnet8", "--data", "photos", "--method", "gradcam+"], r"unknown CAM method 'gradcam\+'"),
     (["cam", "aff_cifar_resnet8", "--data", "photos", "--target-layer", "layer9"], r"has no module 'layer9'"),
     (["cam", "aff_cifar_resnet8", "--data", "fashion-mnist-scenes", "--data-dir", "{root}", "--indices", "0"],

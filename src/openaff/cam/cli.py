@@ -19,12 +19,17 @@ and its softmax score; a wrong prediction is captioned in red with the true clas
   chelsea and coffee). Scenes are resized to the model's input size whole (no crop), so the box stays.
 
 ``openaff cam --study DIR`` scores every finished run of an ``openaff study`` folder on
-``fashion-mnist-scenes`` (the validation scenes the study validated on, at its canvas size): the
-fraction of the Grad-CAM energy (the map's sum) of the true class inside the item's box and the
-pointing-game hit rate (the map's maximum inside the box), per run and per fusion type (mean ± std
-over seeds), beside the share of the canvas the boxes cover (what a uniform map scores on both). It
-writes ``localisation.md``, ``localisation.csv`` (one row per run), ``localisation.json`` and
-``grid.png`` (Figure-6 style: one row per scene, one column per fusion type, seed 0).
+``fashion-mnist-scenes`` (the first ``--limit`` test scenes at its canvas size): the Grad-CAM of the
+*predicted* class on the scenes the run classifies correctly, by the fraction of the map's energy (its
+sum) inside the item's box, the pointing game (the map's maximum inside the box) and ROAD
+(pytorch-grad-cam's faithfulness metric, on the first ``--road-limit`` correct scenes), each beside
+three maps that know nothing of the model, on the same scenes: the image's brightness (minus its
+median, clipped at 0), a centre prior and a uniform map; in total and in ``--size-bins`` bins of the
+item's pasted side; on the study's scenes and on the same scenes without clutter (``--sets``). Per
+run and per fusion type (mean ± std over seeds; the gain over the brightness map with a 95 %
+interval). It writes ``localisation.md`` (with the command, the machine and the wall time),
+``localisation.csv`` (one row per run and scene set), ``localisation.json`` and ``grid.png``
+(Figure-6 style: one row per scene, one column per fusion type, its lowest seed).
 
 ``openaff attention MODEL IMAGE`` draws, for one model and image, the MS-CAM weights ``w`` of every
 fusion block (mean over channels) and the contributions of its two branches (the local branch's
@@ -33,8 +38,8 @@ grouped by stage. The maps are read with forward hooks on the MS-CAMs' branches;
 changed.
 
 Python: :func:`gradcam_grid`, :func:`attention_maps`, :func:`localisation_score`, :func:`score_models`,
-:func:`score_study`, with :func:`load_model`, :func:`load_images`, :func:`scene_samples` and
-:func:`photo_samples` to build their inputs.
+:func:`score_scenes`, :func:`score_study`, :func:`road_scores`, :func:`baseline_maps`, with :func:`load_model`,
+:func:`load_images`, :func:`scene_samples` and :func:`photo_samples` to build their inputs.
 
 Examples::
 
@@ -53,7 +58,7 @@ from .attention import attention_maps
 from .gradcam import METHODS, gradcam_grid
 from .images import PHOTOS, Sample, load_images, photo_samples, scene_samples
 from .models import load_model
-from .study import score_study, study_markdown
+from .study import SCENE_SETS, score_study, study_markdown
 
 __all__ = ["add_parser"]
 
@@ -108,7 +113,7 @@ def _samples_from_args(args: argparse.Namespace, canvas: int | None) -> list[Sam
         if names and all(n.isdigit() for n in names):
             names = [PHOTOS[int(n)] if int(n) < len(PHOTOS) else n for n in names]
         return photo_samples(names)
-    return scene_samples(_indices(args.indices or "0-3"), canvas=canvas or 64, split=args.split,
+    return scene_samples(_indices(args.indices or "0-3"), canvas=canvas or 64, split=args.split or "val",
                          data_dir=args.data_dir)
 
 
@@ -122,13 +127,14 @@ def _run_cam(args: argparse.Namespace) -> int:
     if args.study is not None:
         if args.models or args.images or args.data or args.weights:
             raise ConfigError("--study scores the study's own runs on its scenes; drop the models and images")
-        target = _target_arg(args.target_class)
-        if target not in ("label", "predicted") and args.target_class is not None:
-            raise ConfigError("--study: --target-class must be label or predicted")
+        if args.target_class is not None:
+            raise ConfigError("--study scores maps of the predicted class on correctly classified scenes; "
+                              "drop --target-class")
         grid = _indices(args.grid_indices) if args.grid_indices else [0, 1, 2, 3, 4, 5]
-        result = score_study(args.study, args.output, limit=args.limit, method=args.method,
-                             target="label" if args.target_class is None else target, tolerance=args.tolerance,
-                             grid_indices=grid)
+        sets = [t.strip() for t in args.sets.split(",") if t.strip()]
+        result = score_study(args.study, args.output, limit=args.limit, split=args.split or "test",
+                             method=args.method, sets=sets, road_limit=args.road_limit, bins=args.size_bins,
+                             tolerance=args.tolerance, grid_indices=grid)
         print(study_markdown(result), end="")
         print(f"wrote {', '.join(str(p) for p in result.paths.values())}")
         return 0
@@ -174,14 +180,22 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, lo: int, what: str = "an integer") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < lo:
+        raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _road_limit(text: str) -> int | None:
+    return None if text == "all" else _int_at_least(text, 0, "a number of scenes or 'all'")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -190,7 +204,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(scikit-image's astronaut, chelsea, coffee)")
     p.add_argument("--indices", default=None, help="scene indices, e.g. 0,1,2 or 0-7 (default 0-3; scenes are made "
                    "at the first model's input size); photo names for --data photos")
-    p.add_argument("--split", choices=("val", "train"), default="val", help="scenes' split (default val)")
+    p.add_argument("--split", choices=("val", "test", "train"), default=None,
+                   help="scenes' split (default val; with --study test)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the Fashion-MNIST idx files of the scenes (default: the Debian package's folder)")
     p.add_argument("--labels", default=None, help="true classes of the image files, comma-separated (index or name)")
@@ -224,7 +239,15 @@ def _add_cam(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--titles", default=None, help="column titles, comma-separated")
     p.add_argument("--study", metavar="DIR", default=None,
                    help="score every finished run of an openaff study folder (localisation table + grid)")
-    p.add_argument("--limit", type=_positive_int, default=2000, help="--study: scenes scored per run (default 2000)")
+    p.add_argument("--limit", type=_positive_int, default=2000, help="--study: scenes per set (default 2000)")
+    p.add_argument("--road-limit", type=_road_limit, default=100, metavar="N",
+                   help="--study: correctly classified scenes per run and set that get ROAD (default 100; 0: no "
+                        "ROAD; all)")
+    p.add_argument("--size-bins", type=_positive_int, default=4, metavar="K",
+                   help="--study: bins of the item's pasted side (default 4)")
+    p.add_argument("--sets", default=",".join(SCENE_SETS),
+                   help=f"--study: scene sets, comma-separated (default {','.join(SCENE_SETS)}: the study's scenes "
+                        "and the same without clutter)")
     p.add_argument("--tolerance", type=float, default=0.0, help="--study: pointing-game tolerance in pixels")
     p.add_argument("--grid-indices", default=None, help="--study: the grid's scenes (default 0-5)")
     p.add_argument("-o", "--output", default=None,

@@ -31,12 +31,14 @@ class Sample:
         label: the true class (index or name), when known.
         box: the object's ``(x0, y0, x1, y1)`` box in ``image``'s pixels (exclusive ends), when known;
             an image with a box is resized whole to the model's input (no crop), so the box follows.
+        side: the side in ``image``'s pixels the object was pasted at (scenes), when known.
     """
 
     image: np.ndarray
     name: str
     label: int | str | None = None
     box: tuple[int, int, int, int] | None = None
+    side: int | None = None
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -108,15 +110,17 @@ def photo_samples(names: Sequence[str] = PHOTOS) -> list[Sample]:
 
 
 def scene_samples(indices: Sequence[int], *, canvas: int = 64, split: str = "val", seed: int = 0,
-                  data_dir: str | Path | None = None) -> list[Sample]:
-    """``fashion-mnist-scenes`` scenes with their class and box (see :mod:`openaff.training.scenes`).
+                  data_dir: str | Path | None = None, clutter: tuple[int, int] | None = None) -> list[Sample]:
+    """``fashion-mnist-scenes`` scenes with their class, box and pasted side (see :mod:`openaff.training.scenes`).
 
     Args:
         indices: scene indices of the split.
         canvas: the canvas side (the study's ``img_size``; 64 by default).
-        split: ``val`` (the scenes a training run validates on) or ``train``.
+        split: ``val`` (the scenes a training run validates on), ``test`` or ``train``.
         seed: the scene set's seed (training uses 0).
         data_dir: the Fashion-MNIST folder (default: the Debian package's).
+        clutter: smallest and largest number of fragments (default: the data set's); ``(0, 0)`` gives the same
+            scenes without clutter, the item at the same place.
 
     Raises:
         DataError: no Fashion-MNIST data, or an index out of range.
@@ -125,7 +129,8 @@ def scene_samples(indices: Sequence[int], *, canvas: int = 64, split: str = "val
     from ..training.datasets import FASHION_MNIST_DIR
     from ..training.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes
 
-    scenes = FashionMNISTScenes(data_dir if data_dir is not None else FASHION_MNIST_DIR, split, canvas, seed)
+    extra = {} if clutter is None else dict(clutter=tuple(clutter))
+    scenes = FashionMNISTScenes(data_dir if data_dir is not None else FASHION_MNIST_DIR, split, canvas, seed, **extra)
     idx = [int(i) for i in indices]
     bad = [i for i in idx if not 0 <= i < len(scenes)]
     if bad:
@@ -137,7 +142,7 @@ def scene_samples(indices: Sequence[int], *, canvas: int = 64, split: str = "val
         for k, i in enumerate(idx[start:start + 512]):
             label = int(s["label"][k])
             out.append(Sample(s["image"][k].permute(1, 2, 0).numpy().copy(), f"scene {i}", label,
-                              tuple(int(v) for v in s["box"][k].tolist())))
+                              tuple(int(v) for v in s["box"][k].tolist()), int(s["side"][k])))
             out[-1].name = f"scene {i} ({FASHION_MNIST_CLASSES[label]})"
     return out
 
