@@ -168,7 +168,8 @@ def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence
             f"last epoch ({final['epoch'] + 1} of {cfg.epochs} planned)": numbers(final),
         },
         "Training": {
-            "command": f"openaff train (recipe {cfg.recipe or 'none'}; the run's config.yaml has every setting)",
+            "command": f"{'openaff segment train' if seg else 'openaff train'} (recipe {cfg.recipe or 'none'}; the "
+                       "run's config.yaml has every setting)",
             "schedule": f"{cfg.epochs} epochs, {cfg.sched}, warm-up {cfg.warmup_epochs:g} epochs",
             "optimizer": f"{cfg.opt}, lr {cfg.lr if cfg.lr is not None else f'{cfg.lr_base} per {cfg.lr_base_size}'}"
                          f", weight decay {cfg.weight_decay:g}, batch {cfg.batch_size} on {world_size} process(es)",
@@ -176,7 +177,7 @@ def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence
         },
     }
     what = "segmenter" if seg else "classifier"
-    description = (f"An Attentional Feature Fusion {what} trained with open-aff (`openaff train`) on {source}"
+    description = (f"An Attentional Feature Fusion {what} trained with open-aff on {source}"
                    f"{labels}: {data.train_size:,} training and {data.val_size:,} validation images, "
                    f"{data.num_classes} classes.")
     hub_name = HUB_DATASETS.get(kind)
