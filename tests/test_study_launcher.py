@@ -42,11 +42,10 @@ def files(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def unbroken(files, tmp_path_factory):
-    """The 2-cell grid under submitit's local executor, straight through (this process is the study)."""
+    """The 2-cell grid trained straight through in this process, at the thread count of the jobs (1)."""
     out = tmp_path_factory.mktemp("unbroken") / "s"
-    result = run_study(out, fusions="add,aff", depths="1", seeds=1, data=files["data"], recipe=files["recipe"],
-                       limit_val=32, jobs=2, launcher="submitit-local", progress=False)
-    return result
+    return run_study(out, fusions="add,aff", depths="1", seeds=1, data=files["data"], recipe=files["recipe"],
+                     limit_val=32, threads=1, progress=False)
 
 
 def rows(folder: str | Path) -> list[list[str]]:
@@ -82,25 +81,9 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_submitit_local_trains_the_grid_as_jobs(unbroken):
-    out = unbroken.output
-    assert sorted(unbroken.trained) == ["add-b1-s0", "aff-b1-s0"]
-    assert [r.status for r in unbroken.runs] == ["finished", "finished"]
-    jobs = json.loads((out / "launcher" / "jobs.json").read_text())
-    assert sorted(jobs) == ["add-b1-s0", "aff-b1-s0"]
-    assert {j["launcher"] for j in jobs.values()} == {"submitit-local"}
-    for name, job in jobs.items():
-        assert (out / "launcher" / f"{job['job_id']}_0_result.pkl").is_file()  # submitit's own record of the job
-        log = (out / "logs" / f"{name}.log").read_text()
-        assert log.count(" new ") == 1 and log.count("epoch 3/3") == 1 and "-m openaff train" in log
-        assert len(rows(out / "runs" / name)) == 3
-    # The study's files are those of any study; the command that continues it names the launcher.
-    doc = json.loads((out / "study.json").read_text())
-    assert doc["command"].endswith(f"--jobs 2 --launcher submitit-local --output {out}")
-    assert [c["n"] for c in doc["cells"]] == [1, 1]
-
-
-def test_study_killed_with_a_job_resumes_and_matches_the_unbroken_run(files, unbroken, tmp_path):
+def test_submitit_local_grid_resumes_after_sigkill_and_matches_the_unbroken_run(files, unbroken, tmp_path):
+    """The 2-cell grid as submitit-local jobs; the study and one job are SIGKILLed in that run's second epoch
+    (the other job trains on unbroken); rerunning the study waits for the one and resumes the other."""
     out = tmp_path / "s"
     argv = [sys.executable, "-m", "openaff", "study", *files["argv"], "--output", str(out), "--no-progress"]
     study_proc = subprocess.Popen(argv, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,23 +112,32 @@ def test_study_killed_with_a_job_resumes_and_matches_the_unbroken_run(files, unb
         killed_rows = rows(out / "runs" / first)
         assert 1 <= len(killed_rows) < 3 and (out / "runs" / first / "last.pt").is_file()
 
-        again = subprocess.run(argv, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert again.returncode == 0, again.stderr
+        result = run_study(out, fusions="add,aff", depths="1", seeds=1, data=files["data"], recipe=files["recipe"],
+                           limit_val=32, jobs=2, launcher="submitit-local", progress=False)  # the same command
     finally:  # nothing of this test trains on after it, whatever happened
         study_proc.kill()
         for job in (json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}).values():
             if is_controller(int(job["job_id"])):
                 kill_all(descendants(int(job["job_id"])))
+    assert [r.status for r in result.runs] == ["finished", "finished"]
     after = json.loads(jobs_file.read_text())
-    assert after[other] == jobs[other]  # waited for, not submitted again
+    assert {j["launcher"] for j in after.values()} == {"submitit-local"}
+    assert after[other] == jobs[other]  # waited for (or found finished), not submitted again
     assert after[first] != jobs[first]  # the killed job: submitted again ...
     log = (out / "logs" / f"{first}.log").read_text()
     assert re.findall(r"--- \S+ \S+ (\w+) ", log) == ["new", "resume"]  # ... and it resumed the run
+    assert "-m openaff train" in log and log.count("epoch 3/3") == 1
     assert rows(out / "runs" / first)[: len(killed_rows)] == killed_rows
     for name in ("add-b1-s0", "aff-b1-s0"):
         assert rows(out / "runs" / name) == rows(unbroken.output / "runs" / name)  # resume is exact
+        job = after[name]["job_id"]
+        assert (out / "launcher" / f"{job}_0_result.pkl").is_file()  # submitit's record: the job ended normally
+    other_log = (out / "logs" / f"{other}.log").read_text()
+    assert re.findall(r"--- \S+ \S+ (\w+) ", other_log) == ["new"] and other_log.count("epoch 3/3") == 1
+    # The study's files are those of any study; the command that continues it names the launcher.
     doc = json.loads((out / "study.json").read_text())
-    assert [r["status"] for r in doc["runs"]] == ["finished", "finished"]
+    assert [c["n"] for c in doc["cells"]] == [1, 1]
+    assert doc["command"].endswith(f"--jobs 2 --launcher submitit-local --output {out}")
 
 
 # The options of docs/study.md's example (the block after "slurm.yaml"), as a test of the sbatch file they make.

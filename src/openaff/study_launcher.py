@@ -118,7 +118,11 @@ class Launcher:
         """Whether the job still runs or waits in the queue (``found``: a job id of an earlier study process)."""
         if self.name == "slurm":
             if found:  # sacct says UNKNOWN of a job it does not know (any more): only a known live state counts
-                return job.get_info().get("State", "UNKNOWN").split()[0].upper() in _SLURM_LIVE
+                try:
+                    state = job.get_info().get("State") or "UNKNOWN"
+                except Exception:  # (sacct failed: submit again; the run's lock keeps jobs apart)
+                    return False
+                return state.split()[0].upper() in _SLURM_LIVE
             return not job.done()
         # submitit's LocalJob knows only processes it started in this session; a job of a study process that
         # died is found by its controller's pid (the job id), checked to be that controller.
