@@ -7,6 +7,7 @@ Examples::
     openaff segment eval --weights runs/seg
     openaff segment predict --weights runs/seg --output runs/seg/pictures
     openaff segment predict --weights runs/seg --images photos/ --output pics
+    openaff segment rescore results/segment-cpu --limit 2000     # foreground IoU, item-class accuracy, by size
 
 ``segment train`` and ``segment eval`` are ``openaff train`` and ``openaff eval`` (the same engine,
 flags and files) that insist on a segmentation model; ``openaff train`` with a segmentation model
@@ -57,6 +58,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, help="CPU threads")
     q.set_defaults(func=lambda args: run_command("openaff segment predict", lambda: _predict(args)))
 
+    s = sub.add_parser("rescore", help="score a study's saved segmenters again: foreground IoU, item-class and "
+                                       "scene accuracy, by item size, paired contrasts over seeds")
+    s.add_argument("study", help="a study folder whose runs/*/ hold segmentation weights (fashion-mnist-scenes)")
+    s.add_argument("--output", metavar="DIR", help="folder for rescore.{csv,json,md} (default: the study folder)")
+    s.add_argument("--split", choices=("test", "val"), default="test", help="the scenes' split (default test)")
+    s.add_argument("--limit", type=int, help="the first N scenes (default: all of the split)")
+    s.add_argument("--baseline", default="add", help="the fusion type the others are contrasted with (default add)")
+    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--amp", choices=("none", "bf16"), default="none")
+    s.add_argument("--threads", type=int, help="CPU threads")
+    s.set_defaults(func=lambda args: run_command("openaff segment rescore", lambda: _rescore(args)))
+
 
 def _models(args: argparse.Namespace) -> int:
     from .fpn import SEGMENTERS
@@ -81,6 +94,26 @@ def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the mo
 
 def _eval(args: argparse.Namespace, evaluate_mod) -> int:  # noqa: ANN001  (the module)
     return evaluate_mod._run(args)
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from ..training.datasets import check_limit
+    from .rescore import rescore
+
+    check_limit(args.limit, "--limit")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    command = "openaff segment rescore " + shlex.join(sys.argv[sys.argv.index("rescore") + 1:]) \
+        if "rescore" in sys.argv else ""
+    res = rescore(args.study, args.output, split=args.split, limit=args.limit, baseline=args.baseline,
+                  batch_size=args.batch_size, amp=args.amp, threads=args.threads, command=command)
+    out = args.output or args.study
+    print(f"{len(res['runs'])} runs re-scored in {res['seconds']:.0f} s\n  table: {out}/rescore.md\n"
+          f"  runs:  {out}/rescore.csv")
+    return 0
 
 
 def _predict(args: argparse.Namespace) -> int:

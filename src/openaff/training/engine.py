@@ -155,8 +155,10 @@ def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, 
 
     Returns:
         ``val_loss``, ``val_top1``, ``val_top5``, ``images`` and ``skipped``; segmentation:
-        ``val_loss``, ``val_miou``, ``val_pixel_acc``, ``val_mean_acc`` (%), ``class_iou`` (a list),
-        ``confusion`` (``num_classes x num_classes`` int64), ``images`` and ``skipped``.
+        ``val_loss``, ``val_miou``, ``val_pixel_acc``, ``val_mean_acc``, ``val_fg_iou``, ``val_item_acc``,
+        ``val_scene_acc`` (%, :mod:`openaff.segmentation.object_scores`), ``by_size`` (per item-side bin, where
+        the data set knows the sides), ``class_iou`` (a list), ``confusion`` (``num_classes x num_classes``
+        int64), ``images`` and ``skipped``.
     """
     if task == "segment":
         return _evaluate_segmentation(model, loader, pipeline, dist, amp=amp, progress=progress, desc=desc,
@@ -187,11 +189,13 @@ def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, 
 def _evaluate_segmentation(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str,
                            progress: bool, desc: str, num_classes: int | None) -> dict:
     from ..segmentation.metrics import IGNORE_INDEX, confusion_matrix, scores
+    from ..segmentation.object_scores import ItemTally, foreground_scores
 
     model.eval()
     dev = dist.device
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, labelled pixels, images, skipped
     cm = None
+    items = ItemTally(loader, dev)  # per-scene counts: scene accuracy, and by item size where the data knows it
     for images, masks, skipped in tqdm(loader, desc=desc, disable=not (progress and dist.is_main),
                                        dynamic_ncols=True, mininterval=1.0, leave=False):
         sums[3] += skipped
@@ -207,13 +211,18 @@ def _evaluate_segmentation(model: nn.Module, loader, pipeline: BatchPipeline, di
         sums[0] += F.cross_entropy(out, y, ignore_index=IGNORE_INDEX, reduction="sum").double()
         sums[1] += (y != IGNORE_INDEX).sum()
         sums[2] += len(y)
-        cm += confusion_matrix(out.argmax(1), y, k)
+        pred = out.argmax(1)
+        cm += confusion_matrix(pred, y, k)
+        items.add(pred, y, k)
     if cm is None:  # a rank without validation images still joins the sums
         k = num_classes or 1
         cm = torch.zeros(k, k, dtype=torch.int64, device=dev)
     all_reduce_sum(sums)
     all_reduce_sum(cm)
-    s = scores(cm.cpu())
+    for t in items.tensors():
+        all_reduce_sum(t)
+    s, fg, per_scene = scores(cm.cpu()), foreground_scores(cm.cpu()), items.results()
     return dict(val_loss=sums[0].item() / max(sums[1].item(), 1), val_miou=s["miou"], val_pixel_acc=s["pixel_acc"],
-                val_mean_acc=s["mean_acc"], class_iou=s["class_iou"], confusion=cm.cpu(), images=int(sums[2].item()),
-                skipped=int(sums[3].item()))
+                val_mean_acc=s["mean_acc"], val_fg_iou=fg["fg_iou"], val_item_acc=fg["item_acc"],
+                val_scene_acc=per_scene["scene_acc"], by_size=per_scene["by_size"], class_iou=s["class_iou"],
+                confusion=cm.cpu(), images=int(sums[2].item()), skipped=int(sums[3].item()))

@@ -218,7 +218,9 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
     Returns:
         ``top1``, ``top5`` (%), ``loss``, ``images``, ``skipped``, ``model``, ``weights``, ``data``,
         ``data_dir``, ``img_size``, ``mean``, ``std``, ``notes`` and ``task`` (``classify``). A segmentation
-        model (``task`` ``segment``; top-1/top-5 None) adds ``miou``, ``pixel_acc``, ``mean_acc`` (%),
+        model (``task`` ``segment``; top-1/top-5 None) adds ``miou``, ``pixel_acc``, ``mean_acc``, ``fg_iou``,
+        ``item_acc``, ``scene_acc`` (%, :mod:`openaff.segmentation.object_scores`), ``by_size`` (per item-side
+        bin: ``sides``, ``scenes``, ``fg_iou``, ``item_acc``, ``scene_acc``; empty where the sides are unknown),
         ``class_iou`` (class name -> IoU %, NaN for a class absent from targets and predictions) and
         ``confusion`` (rows: true class, columns: predicted).
     """
@@ -348,7 +350,8 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
                skipped=res["skipped"], img_size=eval_size, mean=list(mean), std=list(std), notes=notes)
     if bundle.task == "segment":
         out.update(miou=res["val_miou"], pixel_acc=res["val_pixel_acc"], mean_acc=res["val_mean_acc"],
-                   class_iou=dict(zip(bundle.data.classes, res["class_iou"], strict=True)),
+                   fg_iou=res["val_fg_iou"], item_acc=res["val_item_acc"], scene_acc=res["val_scene_acc"],
+                   by_size=res["by_size"], class_iou=dict(zip(bundle.data.classes, res["class_iou"], strict=True)),
                    confusion=res["confusion"].tolist())
     return out
 
@@ -411,6 +414,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): mIoU {res['miou']:.2f} %, "
               f"pixel accuracy {res['pixel_acc']:.2f} %, mean class accuracy {res['mean_acc']:.2f} %, "
               f"loss {res['loss']:.4f}")
+        from ..segmentation.object_scores import size_table
+
+        if res["by_size"]:
+            print(f"by item side:\n{size_table(res['by_size'])}")
+        print(f"finding apart from naming the items: foreground IoU {res['fg_iou']:.2f} %, item-class accuracy "
+              f"{res['item_acc']:.2f} % (of the item pixels found), scene accuracy {res['scene_acc']:.2f} % "
+              "(majority class of each scene's predicted item pixels)")
     else:
         print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): top-1 {res['top1']:.2f} %, "
               f"top-5 {res['top5']:.2f} %, loss {res['loss']:.4f}")

@@ -17,8 +17,10 @@ __all__ = ["COLUMNS", "SEGMENT_COLUMNS", "plot_curves", "write_csv"]
 # epoch is the next one's, 0 after the last epoch of a cosine run).
 COLUMNS = ("epoch", "lr_mean", "train_loss", "val_loss", "val_top1", "val_top5", "img_per_s", "seconds")
 # Segmentation runs (percentages like top-1; the per-class IoU goes to class_iou.csv).
+# val_fg_iou, val_item_acc, val_scene_acc: finding the item apart from naming it (openaff.segmentation.object_scores);
+# the same by item size follow as extra columns (val_fg_iou_s14_18, ...) where the data set knows the sides.
 SEGMENT_COLUMNS = ("epoch", "lr_mean", "train_loss", "val_loss", "val_miou", "val_pixel_acc", "val_mean_acc",
-                   "img_per_s", "seconds")
+                   "val_fg_iou", "val_item_acc", "val_scene_acc", "img_per_s", "seconds")
 
 
 def write_csv(rows: list[dict], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> None:

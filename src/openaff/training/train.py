@@ -313,7 +313,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
             if state.best_epoch >= 0:  # the model card of the best weights so far, with the run's numbers
                 write_run_card(out, cfg, data, state.history, state.best_epoch, dist.world_size)
             skipped = f", {row['skipped']} unreadable images skipped" if "skipped" in row else ""
-            scores = (f"mIoU {row['val_miou']:.2f} %, pixel acc {row['val_pixel_acc']:.2f} %" if seg else
+            scores = (f"mIoU {row['val_miou']:.2f} %, pixel acc {row['val_pixel_acc']:.2f} %, foreground IoU "
+                      f"{row['val_fg_iou']:.2f} %, scene acc {row['val_scene_acc']:.2f} %" if seg else
                       f"top-1 {row['val_top1']:.2f} %, top-5 {row['val_top5']:.2f} %")
             say(f"epoch {row['epoch'] + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss "
                 f"{row['val_loss']:.4f}, {scores}, {row['img_per_s']:.0f} img/s, {row['seconds']:.0f} s{skipped}")
@@ -362,11 +363,15 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     check_finite(state, dist, f"at the end of epoch {state.epoch}")
     _check_val_loss(val, state.epoch, "")
     metric = "val_miou" if data.task == "segment" else "val_top1"
-    scores = ("val_miou", "val_pixel_acc", "val_mean_acc") if data.task == "segment" else ("val_top1", "val_top5")
+    scores = (("val_miou", "val_pixel_acc", "val_mean_acc", "val_fg_iou", "val_item_acc", "val_scene_acc")
+              if data.task == "segment" else ("val_top1", "val_top5"))
     row = dict(epoch=state.epoch, lr_mean=stats["lr_mean"], train_loss=stats["train_loss"],
                val_loss=val["val_loss"], **{k: val[k] for k in scores}, img_per_s=stats["img_per_s"], seconds=0.0)
     if data.task == "segment":
         row["class_iou"] = val["class_iou"]  # class_iou.csv; not a column of metrics.csv
+        from ..segmentation.object_scores import size_columns
+
+        row.update(size_columns(val["by_size"]))  # the scores by item size, where the data set knows the sides
     score, best_model = val[metric], state.model
     if state.ema is not None:  # then the EMA weights are the ones kept
         ema_val = evaluate(state.ema.module, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp,
