@@ -7,7 +7,7 @@ fusion layers switch to their written-out formulas (:mod:`openaff.layers.tracing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,42 +121,82 @@ class ClassifierMixin:
         return self.forward_head(self.forward_features(x))
 
 
-def downsample_avg(inplanes: int, outplanes: int, stride: int, norm: bool = True) -> nn.Sequential:
-    """ResNet-D shortcut: AvgPool(stride) -> Conv1x1 [-> BN]; the pool is an identity at stride 1.
+def downsample_avg(inplanes: int, outplanes: int, stride: int, norm: bool = True, dilated: bool = False,
+                   norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
+    """ResNet-D shortcut: AvgPool(stride) -> Conv1x1 [-> norm]; the pool is an identity at stride 1.
 
     ``ceil_mode`` keeps the shortcut the size of the strided 3x3 convolution on odd inputs
     (7 -> 4, not 3), e.g. for 28x28 Fashion-MNIST images.
+
+    Args:
+        inplanes: input channels.
+        outplanes: output channels.
+        stride: the stage's stride (of the undilated network).
+        norm: end with a norm layer.
+        dilated: the stage trades its stride for dilation (``output_stride``): the pool keeps its
+            window but moves by 1, zero-padded after (timm's ``downsample_avg``: ``AvgPool2dSame(2, 1)``),
+            so the shortcut keeps the map's size and sees what the strided pool saw.
+        norm_layer: the norm layer class.
     """
-    pool = (nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-            if stride > 1 else nn.Identity())
+    if stride == 1:
+        pool = nn.Identity()
+    elif dilated:
+        # timm's AvgPool2dSame pads by an amount it computes from the input's size at run time, which
+        # plain torch.fx cannot trace; at stride 1 that amount is a constant, so pad it statically
+        # (the same zeros, the same bits).
+        pool = nn.Sequential(nn.ZeroPad2d(((stride - 1) // 2, stride // 2, (stride - 1) // 2, stride // 2)),
+                             nn.AvgPool2d(stride, 1))
+    else:
+        pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
     layers = [pool, nn.Conv2d(inplanes, outplanes, 1, bias=False)]
     if norm:
-        layers.append(nn.BatchNorm2d(outplanes))
+        layers.append(norm_layer(outplanes))
     return nn.Sequential(*layers)
 
 
 def make_stages(block_cls: type[nn.Module], layers: Sequence[int], inplanes: int, widths: Sequence[int],
                 strides: Sequence[int], reduction: int, fusions: Sequence[str], r: int,
-                drop_path_rate: float = 0.0, downsample_norm: bool = True,
+                drop_path_rate: float = 0.0, downsample_norm: bool = True, output_stride: int | None = None,
                 **block_kwargs) -> tuple[list[nn.Sequential], list[dict]]:
     """Build residual stages whose blocks take ``(inplanes, planes, stride, downsample, fusion=, r=, drop_path=)``.
 
     The first block of a stage gets an average-pool shortcut when the stride or width changes;
     stochastic depth rises linearly over all blocks. Returns the stages and their feature info
     (module names ``layer1``, ``layer2``, ...).
+
+    With ``output_stride``, a stage that would take the network's stride past it dilates instead,
+    as timm's ``make_blocks``: its stride becomes 1 and its dilation the product of the strides
+    given up; the first 3x3 convolution of the stage's first block keeps the previous stage's
+    dilation. The blocks then also get ``dilation=`` and ``first_dilation=`` (without it, neither).
+
+    A ``norm_layer`` of the blocks (in ``block_kwargs``) is the shortcut projections' norm too.
+
+    Args:
+        output_stride: largest reduction of the output (None: the strides as given).
     """
     stages, info = [], []
     total, idx = sum(layers), 0
+    dilation = prev_dilation = 1
+    norm_layer = block_kwargs.get("norm_layer", nn.BatchNorm2d)
     for stage_idx, (depth, planes, stride, fusion) in enumerate(zip(layers, widths, strides, fusions, strict=True)):
-        reduction *= stride
+        dilated = output_stride is not None and stride > 1 and reduction >= output_stride
+        if dilated:
+            dilation *= stride
+        else:
+            reduction *= stride
+        conv_stride = 1 if dilated else stride
         outplanes = planes * block_cls.expansion
         blocks = []
         for i in range(depth):
             downsample = None
             if i == 0 and (stride != 1 or inplanes != outplanes):
-                downsample = downsample_avg(inplanes, outplanes, stride, norm=downsample_norm)
-            blocks.append(block_cls(inplanes, planes, stride if i == 0 else 1, downsample, fusion=fusion, r=r,
+                downsample = downsample_avg(inplanes, outplanes, stride, norm=downsample_norm, dilated=dilated,
+                                            norm_layer=norm_layer)
+            if output_stride is not None:
+                block_kwargs.update(dilation=dilation, first_dilation=prev_dilation)
+            blocks.append(block_cls(inplanes, planes, conv_stride if i == 0 else 1, downsample, fusion=fusion, r=r,
                                     drop_path=drop_path_rate * idx / max(total - 1, 1), **block_kwargs))
+            prev_dilation = dilation
             inplanes = outplanes
             idx += 1
         stages.append(nn.Sequential(*blocks))

@@ -12,11 +12,11 @@ Other layouts are one call away, e.g. an AFF-ResNet-18 that fuses everywhere::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
@@ -38,31 +38,42 @@ class FusionBottleneck(nn.Module):
         fusion: fusion type name (see :func:`openaff.layers.fusion_names`).
         r: MS-CAM channel reduction.
         drop_path: stochastic-depth rate of this block.
+        dilation: dilation of the 3x3 convolution (of a stage that gave up its stride, ``output_stride``).
+        first_dilation: dilation of the 3x3 convolution of a stage's first block (the previous
+            stage's; default ``dilation``). The bottleneck has one 3x3 convolution, so it uses this
+            one (as timm's).
+        norm_layer: norm layer class after each convolution (not the fusion's own).
+        act_layer: activation class (called with ``inplace=True``).
     """
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  cardinality: int = 1, base_width: int = 64, fusion: str = "aff", r: int = 16,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, dilation: int = 1, first_dilation: int | None = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 act_layer: Callable[..., nn.Module] = nn.ReLU) -> None:
         super().__init__()
         width = int(planes * (base_width / 64)) * cardinality
         outplanes = planes * self.expansion
+        first_dilation = first_dilation or dilation
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.act2 = nn.ReLU(inplace=True)
+        self.bn1 = norm_layer(width)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=first_dilation, dilation=first_dilation,
+                               groups=cardinality, bias=False)
+        self.bn2 = norm_layer(width)
+        self.act2 = act_layer(inplace=True)
         self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.bn3 = norm_layer(outplanes)
         self.downsample = downsample
         self.fusion = block_fusion(fusion, outplanes, r)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
-        self.act3 = nn.ReLU(inplace=True)
+        self.act3 = act_layer(inplace=True)
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn3.weight)
+        if getattr(self.bn3, "weight", None) is not None:  # a norm layer without affine weight has none
+            nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -80,29 +91,35 @@ class FusionBottleneck(nn.Module):
 class FusionBasicBlock(nn.Module):
     """Two 3x3 convolutions whose output and shortcut meet in a fusion module (ResNet-18/34 style).
 
-    Args: as :class:`FusionBottleneck` (``cardinality`` must be 1 and ``base_width`` 64).
+    Args: as :class:`FusionBottleneck` (``cardinality`` must be 1 and ``base_width`` 64); the first
+    3x3 convolution has ``first_dilation``, the second ``dilation`` (as timm's ``BasicBlock``).
     """
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  cardinality: int = 1, base_width: int = 64, fusion: str = "aff", r: int = 16,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, dilation: int = 1, first_dilation: int | None = None,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 act_layer: Callable[..., nn.Module] = nn.ReLU) -> None:
         super().__init__()
         if cardinality != 1 or base_width != 64:
             raise ValueError("the basic block supports only cardinality=1 and base_width=64")
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        first_dilation = first_dilation or dilation
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=first_dilation, dilation=first_dilation,
+                               bias=False)
+        self.bn1 = norm_layer(planes)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm_layer(planes)
         self.downsample = downsample
         self.fusion = block_fusion(fusion, planes, r)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
-        self.act2 = nn.ReLU(inplace=True)
+        self.act2 = act_layer(inplace=True)
 
     def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn2.weight)
+        if getattr(self.bn2, "weight", None) is not None:
+            nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -115,6 +132,18 @@ class FusionBasicBlock(nn.Module):
 
 
 _BLOCKS = {"bottleneck": FusionBottleneck, "basic": FusionBasicBlock}
+
+
+def _layer(what: str, layer: LayerType, resolve: Callable[[LayerType], Callable[..., nn.Module]]
+           ) -> Callable[..., nn.Module]:
+    # timm's resolvers fail with a bare KeyError or assert on an unknown name; say what was wrong.
+    try:
+        out = resolve(layer)
+    except (KeyError, AssertionError, TypeError):
+        out = None
+    if not callable(out):
+        raise ValueError(f"{what} must be a layer class or a timm layer name, got {layer!r}")
+    return out
 
 
 class AFFResNet(ClassifierMixin, nn.Module):
@@ -135,6 +164,13 @@ class AFFResNet(ClassifierMixin, nn.Module):
         drop_path_rate: stochastic depth, rising linearly to this rate over the blocks.
         global_pool: timm pooling type of the head.
         zero_init_last: initialise the last BN of every block with gamma = 0.
+        output_stride: 32, 16 or 8: the reduction of the last map. Below 32 the last stages trade
+            their stride for dilated 3x3 convolutions, as timm's ResNet (16: stage 4 dilation 2;
+            8: stage 3 dilation 2, stage 4 dilation 4); the weights are the same, so a model trained
+            at 32 loads (segmentation encoders: smp's DeepLabV3, DeepLabV3+, PAN).
+        norm_layer: norm layer of the stem, blocks and shortcuts: a class or a timm name (``"batchnorm"``,
+            ``"groupnorm"``, ``"frozenbatchnorm2d"``, ...). The fusions' MS-CAMs keep their own BatchNorm.
+        act_layer: activation of the stem and blocks: a class or a timm name (``"relu"``, ``"silu"``, ...).
     """
 
     stage_names = ("layer1", "layer2", "layer3", "layer4")
@@ -143,8 +179,13 @@ class AFFResNet(ClassifierMixin, nn.Module):
                  in_chans: int = 3, cardinality: int = 1, base_width: int = 64, stem_width: int = 32,
                  fusion: str = "aff", fusion_stages: Sequence[int] = (3, 4), r: int = 16,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
-                 zero_init_last: bool = True) -> None:
+                 zero_init_last: bool = True, output_stride: int = 32, norm_layer: LayerType = nn.BatchNorm2d,
+                 act_layer: LayerType = nn.ReLU) -> None:
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 32, 16 or 8, got {output_stride!r}")
+        norm_layer, act_layer = _layer("norm_layer", norm_layer, get_norm_layer), _layer("act_layer", act_layer,
+                                                                                        get_act_layer)
         if block not in _BLOCKS:
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(_BLOCKS)}")
         if len(layers) != 4:
@@ -160,22 +201,23 @@ class AFFResNet(ClassifierMixin, nn.Module):
         inplanes = stem_width * 2
         self.conv1 = nn.Sequential(
             nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(stem_width),
-            nn.ReLU(inplace=True),
+            norm_layer(stem_width),
+            act_layer(inplace=True),
             nn.Conv2d(stem_width, stem_width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_width),
-            nn.ReLU(inplace=True),
+            norm_layer(stem_width),
+            act_layer(inplace=True),
             nn.Conv2d(stem_width, inplanes, 3, padding=1, bias=False),
         )
-        self.bn1 = nn.BatchNorm2d(inplanes)
-        self.act1 = nn.ReLU(inplace=True)
+        self.bn1 = norm_layer(inplanes)
+        self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=inplanes, reduction=2, module="act1")]
 
         stages, stage_info = make_stages(
             block_cls, layers, inplanes, widths=(64, 128, 256, 512), strides=(1, 2, 2, 2), reduction=4,
             fusions=[fusion if i + 1 in fusion_stages else "add" for i in range(4)], r=r,
-            drop_path_rate=drop_path_rate, cardinality=cardinality, base_width=base_width)
+            drop_path_rate=drop_path_rate, output_stride=output_stride, norm_layer=norm_layer,
+            cardinality=cardinality, base_width=base_width, act_layer=act_layer)
         for name, stage in zip(self.stage_names, stages, strict=True):
             self.add_module(name, stage)
         self.feature_info += stage_info
