@@ -40,6 +40,7 @@ from .layers import (
     fusion_options,
     register_fusion,
 )
+from .necks import FusionFeaturePyramidNetwork, FusionFPNBackbone  # torchvision detection necks
 from .segmentation import create_segmenter  # registers fpn, aff_fpn, aff_fpn_cifar_resnet20, ... with timm
 
 __version__ = "0.1.0"
@@ -49,7 +50,8 @@ _LAZY = {"train": "openaff.training.train", "evaluate": "openaff.training.evalua
          "load_pretrained": "openaff.hub", "save_pretrained": "openaff.hub"}
 
 __all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "SCENARIOS", "AFFGlobalGlobal", "AFFLocalLocal",
-           "AddFusion", "AlignedFusion", "ConcatAFF", "ConcatFusion", "ContextSyncBatchNorm", "HalfAFF",
+           "AddFusion", "AlignedFusion", "ConcatAFF", "ConcatFusion", "ContextSyncBatchNorm", "FusionFPNBackbone",
+           "FusionFeaturePyramidNetwork", "HalfAFF",
            "MSCAMAttention", "MultiInputAFF", "MultiInputIAFF", "RecursiveAFF", "convert_sync_batchnorm",
            "create_fusion", "create_segmenter", "evaluate", "fusion_names", "fusion_options", "load_pretrained",
            "models", "register_fusion", "save_pretrained", "train"]
