@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-steps", type=int, default=10, help="validation batches of each timed epoch")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's, 128)")
     p.add_argument("--width-mult", type=float, default=None, help="model width (default: the recipe's, full)")
-    p.add_argument("--budget", type=float, default=270.0, help="seconds for the timing; later depths are "
+    p.add_argument("--budget", type=float, default=240.0, help="seconds for the timing; later depths are "
                    "extrapolated")
     p.add_argument("--epochs", type=int, default=400, help="epochs of a full run (the paper's 400)")
     p.add_argument("--seeds", default="3,5", help="seeds per cell the totals are given for")
