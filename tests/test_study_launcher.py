@@ -140,6 +140,20 @@ def test_submitit_local_grid_resumes_after_sigkill_and_matches_the_unbroken_run(
     assert doc["command"].endswith(f"--jobs 2 --launcher submitit-local --output {out}")
 
 
+def test_a_failing_job_stops_the_study_with_one_line(files, tmp_path):
+    # The study reads the validation images only; the training images are broken, so the run fails in its job.
+    data = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(StudyError) as info:
+        run_study(tmp_path / "s", fusions="aff", depths="1", seeds=1, data=f"fashion-mnist:{data}",
+                  recipe=files["recipe"], limit_val=32, launcher="submitit-local", progress=False)
+    message = str(info.value)
+    assert message.startswith("run aff-b1-s0 failed: ") and message.endswith(f"(log: {tmp_path}/s/logs/aff-b1-s0.log)")
+    assert "\n" not in message and "train-images-idx3-ubyte.gz" in message
+    doc = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert [r["status"] for r in doc["runs"]] == ["missing"]
+
+
 # The options of docs/study.md's example (the block after "slurm.yaml"), as a test of the sbatch file they make.
 def doc_slurm_yaml() -> str:
     text = (ROOT / "docs" / "study.md").read_text()
