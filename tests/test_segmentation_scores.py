@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from _train_utils import write_fashion_mnist
+from _train_utils import env, write_fashion_mnist
 
 from openaff.cli import main
 from openaff.segmentation import create_segmenter
@@ -132,8 +134,9 @@ def test_the_wide_decoder_gives_fusion_more_than_a_trace_of_the_model() -> None:
     assert fusion_share(create_segmenter("fpn_cifar_resnet20", inner_chs=64, **kw))[1] == 0
     # levels of 16 and 32 channels get a lateral; the deepest (64) is already at the width
     assert [type(m).__name__ for m in wide.laterals] == ["Sequential", "Sequential", "Identity"]
-    for merge in wide.merges:  # every merge fuses at the one width
+    for merge in wide.merges:  # every merge fuses at the one width, after the high map's Conv1x1-BN-ReLU (4b)
         assert next(m for m in merge.fuse.modules() if isinstance(m, torch.nn.Conv2d)).in_channels == 64
+        assert [type(m).__name__ for m in merge.project] == ["Conv2d", "BatchNorm2d", "ReLU"]
     assert wide(torch.randn(2, 1, 48, 48)).shape == (2, 11, 48, 48)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="inner_chs must be a positive number"):
@@ -206,3 +209,13 @@ def test_the_rescore_command_on_a_two_run_study(fmnist: Path, tmp_path: Path, ca
     assert [r["run"] for r in rows] == ["add-b1-s0", "aff-b1-s0"] and "scene_acc_s21_22" in rows[0]
     assert main(["segment", "rescore", str(tmp_path / "nothing")]) == 2
     assert "openaff segment rescore: error:" in capsys.readouterr().err
+
+
+def test_the_fusion_share_table_of_the_docs_is_what_its_code_prints() -> None:
+    text = (Path(__file__).parents[1] / "docs" / "segmentation.md").read_text()
+    section = text.split("**How much of the model the fusion is, and `inner_chs`.**", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = section.split("```python\n", 1)[1].split("```", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == printed

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from ..layers import AlignedFusion, create_fusion, fusion_options
+from ..layers import AlignedFusion, Projection, create_fusion, fusion_options
 from ..models._common import check_image_batch
 
 __all__ = ["SEGMENTERS", "FPNMerge", "FusionFPN", "create_segmenter", "fusion_share", "is_segmenter"]
@@ -77,6 +77,8 @@ class FPNMerge(AlignedFusion):
         # BatchNorm2d in the projection, as this merge always had (the upsampled map has many values per channel).
         super().__init__(create_fusion(fusion, low_chs, r, **options), low_chs, (high_chs, low_chs),
                          resize=upsample, resize_first=True, relu=True, size_from=1, norm_layer=nn.BatchNorm2d)
+        if high_chs == low_chs:  # AlignedFusion leaves an input of the width as it is; the merge always projects
+            self.project = Projection(high_chs, low_chs, 2, relu=True, norm_layer=nn.BatchNorm2d)
         self.smooth = _conv_bn_relu(low_chs, low_chs, 3)
         self.upsample = upsample
 
