@@ -11,11 +11,13 @@ from openaff.segmentation.data import voc_palette
 
 
 def write_voc(root: Path, n_train: int = 8, n_val: int = 4, size: tuple[int, int] = (40, 30), classes: int = 3,
-              seed: int = 0, val_sizes: list[tuple[int, int]] | None = None) -> Path:
+              seed: int = 0, val_sizes: list[tuple[int, int]] | None = None,
+              train_sizes: list[tuple[int, int]] | None = None) -> Path:
     """A VOC-style folder: JPEG images, masks alternately palette and index (L) PNGs, split lists, labels.txt.
 
     Class k is a bright rectangle of grey level 60 + 60 k on a dark image; a 1-pixel 255 border around it.
-    ``val_sizes``: (width, height) of the validation images in turn (default: all ``size``).
+    ``val_sizes``, ``train_sizes``: (width, height) of the validation / training images in turn (default: all
+    ``size``).
     """
     rng = np.random.default_rng(seed)
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -25,7 +27,8 @@ def write_voc(root: Path, n_train: int = 8, n_val: int = 4, size: tuple[int, int
     palette = voc_palette().reshape(-1).tolist()
     for i in range(n_train + n_val):
         split = "train" if i < n_train else "val"
-        w, h = size if split == "train" or not val_sizes else val_sizes[(i - n_train) % len(val_sizes)]
+        sizes, j = (train_sizes, i) if split == "train" else (val_sizes, i - n_train)
+        w, h = sizes[j % len(sizes)] if sizes else size
         name = f"{split}_{i:03d}"
         names[split].append(name)
         img = rng.integers(0, 40, (h, w, 3)).astype(np.uint8)

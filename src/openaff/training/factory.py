@@ -155,10 +155,10 @@ def build_training(cfg: TrainConfig, data: DataFacts, dist: distributed.DistInfo
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     state = TrainState(model, forward, optimizer, scheduler, scaler, ema)
     if cfg.task == "segment":  # per-pixel cross-entropy; VOC's 255 (borders, unlabelled) counts nowhere
-        from ..segmentation.metrics import IGNORE_INDEX
+        # (the mean over the labelled pixels of all processes' batches, as one process would compute it)
+        from ..segmentation.loss import PixelCrossEntropy
 
-        loss = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing)
-        return state, Criterion(loss.to(dist.device))
+        return state, Criterion(PixelCrossEntropy(label_smoothing=cfg.label_smoothing))
     if cfg.mixup > 0 or cfg.cutmix > 0:
         # timm's Mixup also smooths the (soft) labels, so the loss is plain soft-target cross-entropy.
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
