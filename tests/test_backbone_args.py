@@ -117,7 +117,7 @@ def test_norm_layer_reaches_every_backbone_norm_but_not_the_fusions():
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.layer4[0].fusion.modules())
 
 
-def test_dilated_model_scripts_and_traces():
+def test_dilated_model_scripts_traces_and_exports():
     torch.manual_seed(0)
     model = timm.create_model("aff_resnet50", **TINY_BASIC, output_stride=8, num_classes=5).eval()
     x = torch.randn(2, 3, 48, 48)
@@ -128,6 +128,8 @@ def test_dilated_model_scripts_and_traces():
         traced = torch.fx.symbolic_trace(model)
         torch.testing.assert_close(scripted(x), ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(traced(x), ref, rtol=1e-4, atol=1e-5)
+        # torch.export keeps the eager fast path: the same bits.
+        assert torch.equal(torch.export.export(model, (x,)).module()(x), ref)
 
 
 @pytest.mark.parametrize("kwargs, message", [

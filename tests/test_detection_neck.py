@@ -105,7 +105,7 @@ def test_every_merge_is_the_long_skip_fusion_of_the_upsampled_map_and_the_latera
         assert not torch.allclose(fpn.fusions[1](up, lateral), fpn.fusions[1](lateral, up))
 
 
-def test_fusion_fpn_scripts_and_trains_with_a_batch_of_one():
+def test_fusion_fpn_scripts_exports_and_trains_with_a_batch_of_one():
     torch.manual_seed(0)
     fpn = FusionFeaturePyramidNetwork(IN_CHANNELS, 16, LastLevelMaxPool()).eval()
     with pytest.warns(FutureWarning):
@@ -115,6 +115,11 @@ def test_fusion_fpn_scripts_and_trains_with_a_batch_of_one():
         want, got = fpn(x), scripted(x)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    exported = torch.export.export(fpn, (x,)).module()
+    with torch.no_grad():
+        got = exported(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
     one = OrderedDict((k, v[:1]) for k, v in x.items())
     sum(v.sum() for v in fpn.train()(one).values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fpn.fusions.parameters())
