@@ -191,7 +191,20 @@ class Scenario:
             raise StudyError(f"scenario {self.name}: model family not available (no timm model "
                              f"{fam.pattern.format(depth='*')} is registered in this version of openaff)")
         name = fam.pattern.format(depth=fam.depth(b))
-        return (name if name in members else members[0]), dict(fusion=fusion, b=b)
+        base, r = split_fusion_spec(fusion)
+        return (name if name in members else members[0]), dict(fusion=base, b=b, **({"r": r} if r else {}))
+
+
+def split_fusion_spec(spec: str) -> tuple[str, int | None]:
+    """``"aff@r2"`` -> ``("aff", 2)``: a fusion type at another channel reduction (a budget control, e.g. AFF's
+    one bottleneck MS-CAM at r = 2 has the attention parameters of MS-GAU's single layer or iAFF's two at r = 4);
+    ``"aff"`` -> ``("aff", None)`` (the model's default r)."""
+    base, at, r = spec.partition("@r")
+    if not at:
+        return spec, None
+    if not r.isdigit() or int(r) < 1:
+        raise StudyError(f"fusion {spec!r}: write a reduction as NAME@rK with K a positive integer, e.g. aff@r2")
+    return base, int(r)
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -341,7 +354,7 @@ def _fusions(fusions: str | Sequence[str] | None, table: int | None) -> list[str
     else:
         names = _parse_list(fusions, "fusions", str)
     valid = fusion_names()
-    bad = [n for n in names if n not in valid]
+    bad = [n for n in names if split_fusion_spec(n)[0] not in valid]
     if bad:
         where = f"Table {table}'s " if table is not None else ""
         raise StudyError(f"unknown fusion type(s) {', '.join(bad)} in {where}--fusions; this openaff has "

@@ -68,6 +68,7 @@ __all__ = [
     "MSGAU",
     "MSSA",
     "MSSE",
+    "NormedAddFusion",
     "SCENARIOS",
     "AFFGlobalGlobal",
     "AFFLocalLocal",
@@ -330,10 +331,25 @@ class AddFusion(nn.Module):
         # the add-twin of AFF-ResNet-50 several per cent against resnet50d on the CPU.
         self.inplace = False
 
+    # The authors' same-layer cell has no branch BatchNorms for Add (read by the cell).
+    drops_branch_norms = True
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.inplace:
             return x.add_(y)
         return x + y
+
+
+@register_fusion("add_bn")
+class NormedAddFusion(AddFusion):
+    """``x + y`` that keeps a same-layer cell's branch BatchNorms: the control for Add's missing BNs.
+
+    Every other same-layer type normalises both branches before fusing; the authors' Add does not
+    (AFF.md 4b), so Add against them mixes attention with normalisation. This type is ours, not the
+    paper's; outside the same-layer cell it is plain Add.
+    """
+
+    drops_branch_norms = False
 
 
 class _SoftSelection(_AttentionFusion):

@@ -44,7 +44,7 @@ class DilatedPairCell(nn.Module):
     for any input size) and a bias; neither is followed by a ReLU. The dilated branch (the input of larger
     receptive field) is the fusion's first argument, as the residual branch is in the short-skip blocks.
     With the ``add`` fusion the BatchNorms are identities (the authors' same-layer Add is ``X + Y`` of the
-    convolutions).
+    convolutions); ``add_bn`` keeps them (the control).
 
     Args:
         in_chs: input channels.
@@ -61,7 +61,7 @@ class DilatedPairCell(nn.Module):
         # The authors' same-layer version of the type; a user's type without scenarios is used as it is.
         options = {"scenario": "same-layer"} if "scenario" in fusion_options(fusion) else {}
         self.fusion = block_fusion(fusion, out_chs, r, **options)
-        plain = isinstance(self.fusion, AddFusion)
+        plain = isinstance(self.fusion, AddFusion) and self.fusion.drops_branch_norms
         self.bn_d1 = nn.Identity() if plain else nn.BatchNorm2d(out_chs)
         self.bn_d2 = nn.Identity() if plain else nn.BatchNorm2d(out_chs)
 

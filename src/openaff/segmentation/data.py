@@ -107,15 +107,11 @@ class SceneMasks(Dataset):
     @property
     def side_range(self) -> tuple[int, int]:
         """Smallest and largest pasted item side of the scenes (pixels)."""
-        return tuple(self.scenes.sides)
+        return self.scenes.side_range
 
     def item_sides(self) -> torch.Tensor:
-        """The pasted item side of every scene (int64, made once in batches of 1,024 and kept)."""
-        if getattr(self, "_sides", None) is None or len(self._sides) != len(self):
-            n = len(self)
-            self._sides = torch.cat([self.scenes.batch(range(i, min(i + 1024, n)))["side"] for i in range(0, n, 1024)]
-                                    ) if n else torch.zeros(0, dtype=torch.int64)
-        return self._sides
+        """The pasted item side of every scene (int64)."""
+        return self.scenes.item_sides()
 
 
 # --- VOC folders ------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
+from ..training.scenes import side_bins
 from .metrics import IGNORE_INDEX
 
 __all__ = ["COUNT_NAMES", "ItemTally", "binned_counts", "foreground_scores", "scene_counts", "scores_from_counts",
@@ -90,23 +90,6 @@ def scores_from_counts(counts: torch.Tensor) -> dict:
     tp, fp, fn, correct, scenes, scenes_correct = (v.item() for v in counts.double().reshape(-1, 6).sum(0))
     return dict(fg_iou=_pct(tp, tp + fp + fn), item_acc=_pct(correct, tp), scene_acc=_pct(scenes_correct, scenes),
                 scenes=int(scenes))
-
-
-def side_bins(smallest: int, largest: int, n: int = 4) -> list[tuple[int, int]]:
-    """``n`` bins of whole pixel sides covering ``smallest .. largest`` (inclusive), as equal as whole pixels allow.
-
-    The lower bins get the extra pixel: ``side_bins(14, 33)`` is 14-18, 19-23, 24-28, 29-33 (the 48-pixel
-    canvas), ``side_bins(14, 44)`` 14-21, 22-29, 30-37, 38-44.
-
-    Args:
-        smallest: the smallest pasted side.
-        largest: the largest.
-        n: number of bins (fewer when there are fewer sides).
-    """
-    if smallest > largest or n < 1:
-        raise ValueError(f"side bins need smallest <= largest and n >= 1, got {smallest}, {largest}, {n}")
-    parts = np.array_split(np.arange(smallest, largest + 1), min(n, largest - smallest + 1))
-    return [(int(p[0]), int(p[-1])) for p in parts]
 
 
 def binned_counts(counts: torch.Tensor, sides: torch.Tensor, bins: Sequence[tuple[int, int]]) -> torch.Tensor:

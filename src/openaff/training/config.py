@@ -151,6 +151,11 @@ class TrainConfig:
                               choices=("fine", "coarse"))
     limit_train: int | None = _f(None, "use only the first N training images (quick runs, tests)", ge=1)
     limit_val: int | None = _f(None, "use only the first N validation images", ge=1)
+    holdout: int | None = _f(None, "training images held out for validation, the test split scored once at the "
+                                   "end (default: 5000 for fashion-mnist, its scenes and CIFAR with >= 20,000 "
+                                   "training images, else 0; 0: validate on the test split, the authors' protocol)",
+                             ge=0)
+    limit_test: int | None = _f(None, "score only the first N test images (with a holdout)", ge=1)
     skip_corrupt: bool = _f(False, "skip and count unreadable images instead of stopping")
     workers: int | None = _f(None, "data loader worker processes per process (default: 0 for in-memory data sets, "
                                    "min(8, CPU cores per process) for image folders)", ge=0)

@@ -79,6 +79,7 @@ class DataBundle:
     root: str = ""  # the data set's directory (absolute), recorded with the weights for `openaff eval`
     collate: Callable = collate  # batches of (images, targets, skipped); segmentation: masks as targets
     task: str = "classify"  # or "segment" (openaff.segmentation.data)
+    test_loader: DataLoader | None = None  # the official test split, when validation is held out of training
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -138,7 +139,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
     train_tf, eval_tf = build_transforms(cfg, kind, img_size or 32, mean, std)
     data = load_data(cfg.data, cfg.data_dir, train=train, cifar100_labels=cfg.cifar100_labels, img_size=cfg.img_size,
                      train_transform=SeededTransform(train_tf, cfg.seed) if train_tf else None,
-                     eval_transform=eval_tf, skip_corrupt=cfg.skip_corrupt)
+                     eval_transform=eval_tf, skip_corrupt=cfg.skip_corrupt, holdout=cfg.holdout)
     if len(mean) != data.in_chans or len(std) != data.in_chans:
         raise DataError(f"normalisation mean {mean} / std {std} has {len(mean)}/{len(std)} values but the images of "
                         f"{cfg.data_dir or cfg.data} have {data.in_chans} channel(s)")
@@ -166,5 +167,10 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
     eval_pipe = BatchPipeline(dist.device, data.mean, data.std, cfg.channels_last)
     val_loader = make_loader(data.val, EvalSampler(len(data.val), 2 * per_rank, dist.rank, dist.world_size),
                              workers, pin)
+    test_loader = None
+    if data.test is not None:
+        data.test = data.test.subset(cfg.limit_test, "limit_test")
+        test_loader = make_loader(data.test, EvalSampler(len(data.test), 2 * per_rank, dist.rank, dist.world_size),
+                                  workers, pin)
     return DataBundle(data.kind, data.num_classes, data.in_chans, data, sampler, train_pipe, eval_pipe, val_loader,
-                      workers, pin, str(root.resolve()))
+                      workers, pin, str(root.resolve()), test_loader=test_loader)

@@ -62,6 +62,8 @@ class ImageData:
     std: tuple[float, ...]
     in_memory: bool
     classes: list[str] = field(default_factory=list)
+    test: Dataset | None = None  # the official test split when ``val`` is held out of the training split
+    holdout: int = 0  # training images held out as ``val`` (0: ``val`` is the official test split)
 
 
 class SeededTransform:
@@ -410,10 +412,48 @@ def resolve_source(data: str, data_dir: str | None) -> tuple[str, Path]:
     return detect_kind(root), root
 
 
+HOLDOUT = 5000  # training images held out for validation by default: CIFAR 45k/5k, Fashion-MNIST 55k/5k
+HOLDOUT_MIN_TRAIN = 20_000  # below this (subsets, test fixtures) the default holds nothing out
+HOLDOUT_SEED = 0  # the held-out images are the last ``holdout`` of a permutation drawn with this seed
+HOLDOUT_KINDS = ("fashion-mnist", "fashion-mnist-scenes", "cifar10", "cifar100")
+
+
+def resolve_holdout(holdout: int | None, kind: str, n_train: int) -> int:
+    """The number of training images held out for validation (``None``: the default of the data set).
+
+    The default is :data:`HOLDOUT` for the in-memory data sets with at least :data:`HOLDOUT_MIN_TRAIN`
+    training images (all four in full), else 0; image folders and VOC keep their own ``val/``.
+    """
+    if holdout is None:
+        return HOLDOUT if kind in HOLDOUT_KINDS and n_train >= HOLDOUT_MIN_TRAIN else 0
+    if holdout and kind not in HOLDOUT_KINDS:
+        raise DataError(f"--holdout {holdout}: {kind} data keep their own validation folder; holding training "
+                        f"images out works for {', '.join(HOLDOUT_KINDS)}")
+    if holdout >= n_train:
+        raise DataError(f"--holdout {holdout} leaves no training images: the training split holds {n_train}")
+    return holdout
+
+
+def holdout_indices(n: int, holdout: int, seed: int = HOLDOUT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept for training, held out)`` indices of ``n`` training images, each sorted: the held-out ones are the
+    last ``holdout`` of a permutation seeded with ``seed``, so the split is the same on every machine and run."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: n - holdout].sort().values, order[n - holdout:].sort().values
+
+
+def _take(items: InMemoryImages, idx: torch.Tensor) -> InMemoryImages:
+    return InMemoryImages(items.images[idx], items.labels[idx], items.transform)
+
+
 def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_labels: str = "fine",
               img_size: int | None = None, train_transform: Callable | None = None,
-              eval_transform: Callable | None = None, skip_corrupt: bool = False) -> ImageData:
+              eval_transform: Callable | None = None, skip_corrupt: bool = False,
+              holdout: int | None = None) -> ImageData:
     """Load a data set's splits (the training split only with ``train``).
+
+    With ``train`` and a holdout (:func:`resolve_holdout`), ``val`` is that many training images kept
+    out of training (model selection) and ``test`` the official test split (scored once per run);
+    otherwise ``val`` is the official test split and ``test`` None.
 
     Args:
         data: a kind (``fashion-mnist``, ``fashion-mnist-scenes``, ``cifar10``, ``cifar100``, ``imagefolder``)
@@ -426,6 +466,8 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
         train_transform: per-image training transform (image folders; optional for the others).
         eval_transform: per-image evaluation transform (image folders).
         skip_corrupt: skip unreadable images of image folders instead of stopping.
+        holdout: training images held out for validation (None: the data set's default; 0: none, the
+            authors' protocol of choosing the epoch on the test split).
     """
     kind, root = resolve_source(data, data_dir)
     mean, std = DATASET_STATS[kind]
@@ -451,9 +493,15 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
                             f"side), got {canvas!r}")
         val = FashionMNISTScenes(root, "val", canvas)
         tr = FashionMNISTScenes(root, "train", canvas) if train else None
+        test, held = None, resolve_holdout(holdout, kind, len(tr)) if train else 0
+        if held:  # scenes of their own: held-out items are never fragments of training scenes, nor the reverse
+            keep, out = holdout_indices(len(tr), held)
+            test = val
+            val = FashionMNISTScenes(root, "holdout", canvas, items=_take(tr.items, out))
+            tr = FashionMNISTScenes(root, "train", canvas, items=_take(tr.items, keep))
         if tr is not None and train_transform is not None:
             tr.transform = train_transform
-        return ImageData(kind, tr, val, 10, 1, canvas, mean, std, True, list(FASHION_MNIST_CLASSES))
+        return ImageData(kind, tr, val, 10, 1, canvas, mean, std, True, list(FASHION_MNIST_CLASSES), test, held)
     if kind == "fashion-mnist":
         val, tr = load_fashion_mnist(root, "test"), load_fashion_mnist(root, "train") if train else None
         num_classes, in_chans, size = 10, 1, 28
@@ -462,8 +510,12 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
         tr = load_cifar(root, kind, "train", cifar100_labels) if train else None
         num_classes = 10 if kind == "cifar10" else (100 if cifar100_labels == "fine" else 20)
         in_chans, size = 3, 32
+    test, held = None, resolve_holdout(holdout, kind, len(tr)) if train else 0
+    if held:
+        keep, out = holdout_indices(len(tr), held)
+        test, val, tr = val, _take(tr, out), _take(tr, keep)
     if tr is not None and train_transform is not None:
         tr.transform = train_transform
     if img_size not in (None, size):
         raise DataError(f"{kind} images are {size}x{size}; --img-size {img_size} is not supported for it")
-    return ImageData(kind, tr, val, num_classes, in_chans, size, mean, std, True)
+    return ImageData(kind, tr, val, num_classes, in_chans, size, mean, std, True, [], test, held)

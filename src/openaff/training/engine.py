@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .distributed import DistInfo, all_reduce_sum
 from .errors import NonFiniteLossError
 from .loader import BatchPipeline
+from .scenes import side_bins
 
 __all__ = ["TrainState", "autocast", "evaluate", "train_one_epoch"]
 
@@ -166,6 +167,7 @@ def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, 
     model.eval()
     dev = dist.device
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, top-1, top-5, images, skipped
+    sized = _SideTally(loader, dev)
     for images, labels, skipped in tqdm(loader, desc=desc, disable=not (progress and dist.is_main),
                                         dynamic_ncols=True, mininterval=1.0, leave=False):
         sums[4] += skipped
@@ -180,10 +182,41 @@ def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, 
         sums[1] += correct[:, 0].sum()
         sums[2] += correct.any(dim=1).sum()
         sums[3] += len(y)
+        sized.add(correct[:, 0])
     all_reduce_sum(sums)
     n = max(sums[3].item(), 1)
-    return dict(val_loss=sums[0].item() / n, val_top1=100 * sums[1].item() / n, val_top5=100 * sums[2].item() / n,
-                images=int(sums[3].item()), skipped=int(sums[4].item()))
+    res = dict(val_loss=sums[0].item() / n, val_top1=100 * sums[1].item() / n, val_top5=100 * sums[2].item() / n,
+               images=int(sums[3].item()), skipped=int(sums[4].item()))
+    if sized.bins:
+        res["by_size"] = sized.results()
+    return res
+
+
+class _SideTally:
+    """Top-1 by side bin of the pasted item, where the data set knows its items' sides (``item_sides()``,
+    ``side_range``: fashion-mnist-scenes); each :meth:`add` takes the loader's next index batch."""
+
+    def __init__(self, loader, device: torch.device, n_bins: int = 4) -> None:  # noqa: ANN001  (a DataLoader)
+        ds = getattr(loader, "dataset", None)
+        known = hasattr(ds, "item_sides") and getattr(loader, "batch_sampler", None) is not None
+        self.bins = side_bins(*ds.side_range, n_bins) if known else []
+        self.sides = ds.item_sides() if known else None
+        self._batches = iter(loader.batch_sampler) if known else None
+        self.counts = torch.zeros(len(self.bins), 2, dtype=torch.float64, device=device)  # correct, images
+
+    def add(self, correct: torch.Tensor) -> None:
+        if not self.bins:
+            return
+        sides = self.sides[torch.as_tensor(next(self._batches), dtype=torch.long)].to(correct.device)
+        for k, (lo, hi) in enumerate(self.bins):
+            inside = (sides >= lo) & (sides <= hi)
+            self.counts[k, 0] += correct[inside].sum()
+            self.counts[k, 1] += inside.sum()
+
+    def results(self) -> list[dict]:
+        all_reduce_sum(self.counts)
+        return [dict(sides=bin_, images=int(n), top1=100 * c / n if n else float("nan"))
+                for bin_, (c, n) in zip(self.bins, self.counts.tolist(), strict=True)]
 
 
 def _evaluate_segmentation(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str,

@@ -46,11 +46,12 @@ from torch.utils.data import Dataset
 from .datasets import FASHION_MNIST_DIR, InMemoryImages, SeededTransform, check_limit, load_fashion_mnist
 from .errors import ConfigError, DataError
 
-__all__ = ["FASHION_MNIST_CLASSES", "FashionMNISTScenes", "boxes_from_masks", "save_sample_grid"]
+__all__ = ["FASHION_MNIST_CLASSES", "FashionMNISTScenes", "boxes_from_masks", "save_sample_grid", "side_bins"]
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
-_SPLITS = {"train": ("train", 0), "val": ("test", 1), "test": ("test", 1)}  # name -> (Fashion-MNIST split, hash id)
+# name -> (Fashion-MNIST split, hash id); "holdout": scenes of training items kept out of training (validation)
+_SPLITS = {"train": ("train", 0), "val": ("test", 1), "test": ("test", 1), "holdout": ("train", 2)}
 OPAQUE = 64.0  # resized intensity from which a pixel is fully opaque
 FOREGROUND = 0.5  # minimum visible weight of a foreground pixel
 FEATHER = 3  # fragments fade out over this many pixels at their cut edges: no hard rectangles to spot
@@ -101,6 +102,23 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(fg.flatten(1).any(1, keepdim=True), boxes, 0).long()
 
 
+def side_bins(smallest: int, largest: int, n: int = 4) -> list[tuple[int, int]]:
+    """``n`` bins of whole pixel sides covering ``smallest .. largest`` (inclusive), as equal as whole pixels allow.
+
+    The lower bins get the extra pixel: ``side_bins(14, 33)`` is 14-18, 19-23, 24-28, 29-33 (the 48-pixel
+    canvas), ``side_bins(14, 44)`` 14-21, 22-29, 30-37, 38-44.
+
+    Args:
+        smallest: the smallest pasted side.
+        largest: the largest.
+        n: number of bins (fewer when there are fewer sides).
+    """
+    if smallest > largest or n < 1:
+        raise ValueError(f"side bins need smallest <= largest and n >= 1, got {smallest}, {largest}, {n}")
+    parts = np.array_split(np.arange(smallest, largest + 1), min(n, largest - smallest + 1))
+    return [(int(p[0]), int(p[-1])) for p in parts]
+
+
 def _check_int(value: object, what: str, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
             or (hi is not None and value > hi):
@@ -128,7 +146,8 @@ class FashionMNISTScenes(Dataset):
 
     Args:
         root: directory with the Fashion-MNIST idx files (default: the Debian package).
-        split: ``train`` (the official 60k training images) or ``val``/``test`` (the official 10k).
+        split: ``train`` (the official 60k training images), ``val``/``test`` (the official 10k) or ``holdout``
+            (training items kept out of training, with scenes of their own: pass them as ``items``).
         canvas: side of the square canvas in pixels (at least 28).
         seed: the scene set's seed (the same seed and index always give the same scene).
         sides: smallest and largest item side in pixels (default: 14 and ``round(canvas * 11 / 16)``,
@@ -142,7 +161,7 @@ class FashionMNISTScenes(Dataset):
                  seed: int = 0, *, sides: tuple[int, int] | None = None, clutter: tuple[int, int] = (2, 5),
                  max_occlusion: float = 0.25, items: InMemoryImages | None = None) -> None:
         if split not in _SPLITS:
-            raise ConfigError(f"fashion-mnist-scenes: split must be train, val or test, got {split!r}")
+            raise ConfigError(f"fashion-mnist-scenes: split must be train, val, test or holdout, got {split!r}")
         self.canvas = _check_int(canvas, "canvas", 28)
         self.seed = _check_int(seed, "seed", 0, 2**32 - 1)
         default_max = max(14, round(self.canvas * 11 / 16))
@@ -175,6 +194,18 @@ class FashionMNISTScenes(Dataset):
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def side_range(self) -> tuple[int, int]:
+        """Smallest and largest pasted item side (pixels)."""
+        return tuple(self.sides)
+
+    def item_sides(self) -> torch.Tensor:
+        """The pasted item side of every scene kept (int64; made once, in batches of 1,024, and kept)."""
+        if getattr(self, "_sides", None) is None or len(self._sides) != self.n:
+            self._sides = torch.cat([self.batch(range(i, min(i + 1024, self.n)))["side"]
+                                     for i in range(0, self.n, 1024)]) if self.n else torch.zeros(0, dtype=torch.int64)
+        return self._sides
 
     def subset(self, n: int | None, what: str = "limit") -> FashionMNISTScenes:
         """The first ``n`` scenes (all with None); fragments still come from the whole split.

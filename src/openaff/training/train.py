@@ -25,6 +25,7 @@ stops with one line that gives the command to resume (exit status 130).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -51,6 +52,7 @@ from . import distributed
 from .checkpoint import atomic_write
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
 from .data import DataBundle, build_data
+from .datasets import HOLDOUT_SEED
 from .engine import TrainState, evaluate, train_one_epoch
 from .errors import ConfigError, NonFiniteLossError, run_command
 from .factory import build_training
@@ -62,7 +64,8 @@ __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_
 # Any of these in a folder means it holds a run (ours, or weights someone saved there): never replaced unasked.
 RUN_FILES = ("last.pt", hub.WEIGHTS_NAME, hub.CONFIG_NAME, "metrics.csv", "best.safetensors")
 # Everything a run writes (best.safetensors: the weights file of earlier versions).
-OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml", "class_iou.csv", CARD_NAME)
+TEST_FILE = "test.json"  # the test split's scores, with a held-out validation split
+OUTPUT_FILES = (*RUN_FILES, "curves.png", "config.yaml", "class_iou.csv", CARD_NAME, TEST_FILE)
 # An output of None means "a fresh folder under runs/" (see _claim_output).
 
 
@@ -290,7 +293,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
                 tmp.unlink(missing_ok=True)
         atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
         n_params = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
-        say(f"{cfg.model} ({n_params:,} params) on {data.kind}: {data.train_size} train / {data.val_size} val "
+        held = (f" (held out of training), {len(data.data.test)} test" if data.test_loader is not None else "")
+        say(f"{cfg.model} ({n_params:,} params) on {data.kind}: {data.train_size} train / {data.val_size} val{held} "
             f"images, {data.num_classes} classes; {cfg.epochs} epochs of {data.batches_per_epoch} steps, "
             f"batch {cfg.batch_size} on {dist.world_size} x {dist.device.type}; output {out}")
     t_start = time.perf_counter()
@@ -320,6 +324,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
                 f"{row['val_loss']:.4f}, {scores}, {row['img_per_s']:.0f} img/s, {row['seconds']:.0f} s{skipped}")
     metric = "val_miou" if seg else "val_top1"
     result = TrainResult(out, state.history, state.best_top1, state.best_epoch, metric)
+    test = _score_test(cfg, state, data, dist) if state.history else None
     if dist.is_main and state.history:
         name = "mIoU" if seg else "top-1"
         table = ""
@@ -334,7 +339,46 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
             f"  weights: {result.weights} (timm hub layout, with {out / hub.CONFIG_NAME})\n"
             f"  resume:  {out / 'last.pt'}, config: {out / 'config.yaml'}\n"
             f"  load with: {hub.load_line(out)}")
+        if test is not None:
+            key = "test_miou" if seg else "test_top1"
+            say(f"test split ({test['images']} images, scored once): {name} {test['selected'][key]:.2f} % with the "
+                f"weights of epoch {test['selected_epoch'] + 1} (chosen on {test['selected_on']}), "
+                f"{test['final'][key]:.2f} % with the final weights; {out / TEST_FILE}")
     return result
+
+
+def _score_test(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: distributed.DistInfo) -> dict | None:
+    """Score the test split once with the selected (best validation) weights and once with the final ones.
+
+    Only runs whose validation images are held out of the training split have a test split apart from
+    validation (``--holdout``); the scores go to ``test.json`` (never used to choose anything).
+    """
+    if data.test_loader is None or state.best_epoch < 0:
+        return None
+    import copy
+
+    from .checkpoint import load_weights
+
+    if dist.distributed:
+        tdist.barrier()  # rank 0 wrote the selected weights
+    selected = copy.deepcopy(state.model)
+    selected.load_state_dict(load_weights(Path(cfg.output) / hub.WEIGHTS_NAME)[0])
+    task = dict(task=data.task, num_classes=data.num_classes)
+    scores = {}
+    for which, model in (("selected", selected), ("final", state.model)):
+        res = evaluate(model, data.test_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress,
+                       desc=f"test ({which})", **task)
+        scores[which] = {k.replace("val_", "test_", 1): v for k, v in res.items()
+                         if k not in ("confusion", "images", "skipped")}
+        images = res["images"]
+    held = data.data.holdout
+    report = dict(selected_epoch=state.best_epoch, final_epoch=len(state.history) - 1,
+                  selected_on=f"val_{'miou' if data.task == 'segment' else 'top1'} of {data.val_size} training "
+                              f"images held out (--holdout {held}, permutation seed {HOLDOUT_SEED})",
+                  images=images, **scores)
+    if dist.is_main:
+        atomic_write(Path(cfg.output) / TEST_FILE, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return report
 
 
 def _write_metrics(history: list[dict], out: Path, title: str, data: DataBundle) -> None:
