@@ -144,7 +144,8 @@ def test_faster_rcnn_with_the_aff_neck_trains_on_scene_boxes(tmp_path):
 
     torch.manual_seed(0)
     # A one-block-per-stage AFF-ResNet (grey input, AFF in stages 3-4) under the AFF pyramid.
-    backbone = FusionFPNBackbone("aff_resnet50", out_channels=32, in_chans=1, block="basic", layers=(1, 1, 1, 1))
+    backbone = FusionFPNBackbone("aff_resnet50", out_channels=32,
+                                 encoder_kwargs=dict(in_chans=1, block="basic", layers=(1, 1, 1, 1)))
     (mean,), (std,) = DATASET_STATS["fashion-mnist-scenes"]
     # Anchors for 14-44 px items on a 64 px canvas, one size per pyramid level.
     anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)

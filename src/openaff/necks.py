@@ -102,14 +102,14 @@ class FusionFPNBackbone(nn.Module):
         extra_blocks: torchvision's extra levels (default ``LastLevelMaxPool()``, as torchvision's ResNet backbones).
         norm_layer: norm layer of the pyramid's convolutions (None: none, as torchvision's default).
         pretrained: load the encoder's timm weights.
-        **encoder_kwargs: further ``timm.create_model`` keywords of the encoder (``in_chans``, ``output_stride``,
-            ``norm_layer``, ``layers``, ...).
+        encoder_kwargs: further ``timm.create_model`` keywords of the encoder (``in_chans``, ``output_stride``,
+            ``norm_layer="frozenbatchnorm2d"``, ``layers``, ...), as :class:`openaff.segmentation.FusionFPN` takes them.
     """
 
     def __init__(self, encoder: str | nn.Module, out_channels: int = 256, fusion: str = "aff", r: int = 4,
                  out_indices: Sequence[int] = (1, 2, 3, 4), extra_blocks: ExtraFPNBlock | None = None,
                  norm_layer: Callable[..., nn.Module] | None = None, pretrained: bool = False,
-                 **encoder_kwargs) -> None:
+                 encoder_kwargs: dict | None = None) -> None:
         super().__init__()
         if isinstance(encoder, nn.Module):
             if not hasattr(encoder, "feature_info") or not hasattr(encoder.feature_info, "channels"):
@@ -117,7 +117,7 @@ class FusionFPNBackbone(nn.Module):
             self.body = encoder
         else:
             self.body = timm.create_model(encoder, features_only=True, out_indices=tuple(out_indices),
-                                          pretrained=pretrained, **encoder_kwargs)
+                                          pretrained=pretrained, **(encoder_kwargs or {}))
         self.fpn = FusionFeaturePyramidNetwork(self.body.feature_info.channels(), out_channels,
                                                LastLevelMaxPool() if extra_blocks is None else extra_blocks,
                                                norm_layer, fusion=fusion, r=r)
