@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import openaff  # noqa: F401  (registers the models)
+from openaff.inference import fuse_for_inference
 
 # One block per stage: the layouts of the ResNet-50-D and ResNet-18-D, in a fraction of the time.
 TINY = dict(layers=(1, 1, 1, 1))
@@ -130,6 +131,17 @@ def test_dilated_model_scripts_traces_and_exports():
         torch.testing.assert_close(traced(x), ref, rtol=1e-4, atol=1e-5)
         # torch.export keeps the eager fast path: the same bits.
         assert torch.equal(torch.export.export(model, (x,)).module()(x), ref)
+
+
+def test_dilated_model_folds_for_inference():
+    torch.manual_seed(0)
+    model = timm.create_model("aff_resnet50", **TINY, output_stride=8, num_classes=5).eval()
+    _randomise_norms(model)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        folded = fuse_for_inference(model, inplace=False)
+        assert not any(isinstance(m, nn.BatchNorm2d) for name, m in folded.named_modules() if "fusion" not in name)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
