@@ -65,8 +65,9 @@ def test_attention_batch_of_one_at_1x1():
 def test_attention_rd_ratio_and_errors():
     assert MSCAMAttention(64, rd_ratio=0.25).mscam.r == 4
     assert MSCAMAttention(64).mscam.r == 16
-    with pytest.raises(ValueError, match="give r or rd_ratio, not both"):
-        MSCAMAttention(64, 4, rd_ratio=0.25)
+    assert MSCAMAttention(64, 4, rd_ratio=0.5).mscam.r == 4  # an explicit r wins over timm's rd_ratio
+    with pytest.raises(ValueError, match="rd_ratio must be positive"):
+        MSCAMAttention(64, rd_ratio=0)
     with pytest.raises(ValueError, match=r"MSCAMAttention expects B x 64 x H x W inputs, got \(2, 64, 5\)"):
         MSCAMAttention(64)(torch.randn(2, 64, 5))
     m = MSCAMAttention(8, dtype=torch.float64)

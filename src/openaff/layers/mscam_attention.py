@@ -35,8 +35,8 @@ class MSCAMAttention(nn.Module):
     Args:
         channels: channels of the input.
         r: channel reduction, ``C // r`` inner channels (default 16, the ImageNet models' and SE's).
-        rd_ratio: timm's spelling of ``1 / r`` (the attention slots of timm's EfficientNet pass it); give
-            ``r`` or ``rd_ratio``, not both.
+        rd_ratio: timm's spelling of ``1 / r``, used when ``r`` is not given (timm's EfficientNet passes its own
+            to every attention, so ``functools.partial(MSCAMAttention, r=4)`` keeps ``r = 4`` there).
         dims: spatial rank of the input (1, 2 or 3).
         act_layer: accepted for timm's slots, not used (the MS-CAM's activation is ReLU).
         device: device of the parameters (timm's factory keyword).
@@ -46,9 +46,7 @@ class MSCAMAttention(nn.Module):
     def __init__(self, channels: int, r: int | None = None, *, rd_ratio: float | None = None, dims: int = 2,
                  act_layer: Any = None, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
-        if r is not None and rd_ratio is not None:
-            raise ValueError(f"MSCAMAttention: give r or rd_ratio, not both (got r={r}, rd_ratio={rd_ratio})")
-        if rd_ratio is not None:
+        if r is None and rd_ratio is not None:
             if not rd_ratio > 0:
                 raise ValueError(f"MSCAMAttention: rd_ratio must be positive, got {rd_ratio!r}")
             r = max(1, round(1 / rd_ratio))
