@@ -299,6 +299,11 @@ class RunRecord:
     params: int | None = None
     gmacs: float | None = None
     seconds: float | None = None
+    # From the run's test.json (a held-out validation split chose the epoch): the test split's metric with the
+    # selected weights, with the final weights, and with the selected weights by pasted item side ("14-18": %).
+    test: float | None = None
+    test_final: float | None = None
+    test_by_size: dict | None = None
 
 
 @dataclass
@@ -310,6 +315,9 @@ class StudyResult:
     runs: list[RunRecord]
     cells: list[dict]
     trained: list[str] = field(default_factory=list)  # the runs this call trained or resumed
+    contrasts: list[dict] = field(default_factory=list)  # paired over seeds (openaff.stats.contrast_table)
+    size_contrasts: dict = field(default_factory=dict)  # side bin -> the same contrasts within it
+    contrast_metric: str = ""  # what the contrasts compare
 
     @property
     def table(self) -> Path:
@@ -522,7 +530,53 @@ def _record(fusion: str, depth: int, seed: int, folder: Path, metric: str, epoch
     rec.best, rec.best_epoch, rec.final = best[metric], best["epoch"], rows[-1][metric]
     rec.seconds = sum(r.get("seconds") or 0.0 for r in rows)
     rec.status = "finished" if epochs is not None and len(rows) >= epochs else "unfinished"
+    test = _read_test(folder) if rec.status == "finished" else None
+    if test is not None:
+        key = metric.replace("val_", "test_", 1)
+        rec.test, rec.test_final = test["selected"].get(key), test["final"].get(key)
+        by_size = test["selected"].get("by_size") or []
+        rec.test_by_size = {f"{b['sides'][0]}-{b['sides'][1]}": b.get("top1", b.get("scene_acc"))
+                            for b in by_size} or None
     return rec
+
+
+def _read_test(folder: Path) -> dict | None:
+    path = folder / "test.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StudyError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("selected"), dict) or \
+            not isinstance(data.get("final"), dict):
+        raise StudyError(f"{path} is not a run's test scores")
+    return data
+
+
+# The paper's claims, as contrasts a - b over seeds: AFF/iAFF against Add and against the strongest other
+# attention (MS-GAU), iAFF against AFF, and the controls (AFF at a matched budget; Add with the branch BNs).
+DEFAULT_CONTRASTS = (("aff", "add"), ("iaff", "add"), ("iaff", "aff"), ("aff", "ms_gau"), ("iaff", "ms_gau"),
+                     ("aff@r2", "aff"), ("aff@r2", "ms_gau"), ("add_bn", "add"), ("aff", "add_bn"),
+                     ("concat", "add"))
+
+
+def resolve_contrasts(text: str | None, fusions: Sequence[str]) -> list[tuple[str, str]]:
+    """The study's contrasts: ``--contrasts A-B,...`` checked against the grid, or the defaults the grid allows."""
+    from .layers import fusion_names
+    from .stats import parse_contrasts
+
+    if text is None:
+        return [(a, b) for a, b in DEFAULT_CONTRASTS if a in fusions and b in fusions]
+    known = fusion_names()
+    for item in (t.strip() for t in text.split(",")):
+        for name in item.split("-"):
+            if name and name not in fusions and split_fusion_spec(name)[0] not in known:
+                raise StudyError(f"--contrasts {item}: unknown fusion type {name!r}")
+    try:
+        return parse_contrasts(text, list(fusions))
+    except ValueError as err:
+        raise StudyError(f"--contrasts: {err}") from None
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -903,7 +957,8 @@ def _facts_from_folder(folder: Path) -> tuple[int, float] | None:
         return None
 
 
-def _aggregate(out: Path, settings: StudySettings, planned: dict | None, command: str) -> StudyResult:
+def _aggregate(out: Path, settings: StudySettings, planned: dict | None, command: str,
+               contrasts: list[tuple[str, str]] | None = None) -> StudyResult:
     scn = SCENARIOS.get(settings.scenario)
     metric = scn.metric if scn is not None else "val_top1"
     epochs = settings.base.get("epochs")
@@ -925,8 +980,37 @@ def _aggregate(out: Path, settings: StudySettings, planned: dict | None, command
             cells.append(dict(fusion=f, depth=b, n=len(done), planned=len(group), params=params, gmacs=gmacs,
                               best_mean=_mean([r.best for r in done]), best_std=_std([r.best for r in done]),
                               final_mean=_mean([r.final for r in done]), final_std=_std([r.final for r in done]),
+                              test_mean=_mean(tests := [r.test for r in done if r.test is not None]),
+                              test_std=_std(tests),
+                              test_final_mean=_mean(finals := [r.test_final for r in done if r.test_final is not None]),
+                              test_final_std=_std(finals), n_test=len(tests),
                               paper=paper, paper_table=source))
-    return StudyResult(out, settings, runs, cells)
+    result = StudyResult(out, settings, runs, cells)
+    _add_contrasts(result, contrasts if contrasts is not None else resolve_contrasts(None, settings.fusions))
+    return result
+
+
+def _add_contrasts(result: StudyResult, pairs: list[tuple[str, str]]) -> None:
+    """Paired contrasts at the first depth: on the test split where every run has one, else on the best
+    validation value (older studies); and the same contrasts within each item-side bin of the test split."""
+    from .stats import contrast_table
+
+    b = result.settings.depths[0]
+    done = [r for r in result.runs if r.status == "finished" and r.depth == b]
+    use_test = bool(done) and all(r.test is not None for r in done)
+    result.contrast_metric = "test at the selected epoch" if use_test else "best validation over the epochs"
+    values: dict[str, dict[int, float]] = {}
+    for r in done:
+        values.setdefault(r.fusion, {})[r.seed] = r.test if use_test else r.best
+    result.contrasts = contrast_table(values, pairs) if pairs else []
+    bins = sorted({k for r in done for k in (r.test_by_size or {})}, key=lambda k: int(k.split("-")[0]))
+    result.size_contrasts = {}
+    for k in bins if use_test else []:
+        per = {}
+        for r in done:
+            if r.test_by_size and r.test_by_size.get(k) is not None:
+                per.setdefault(r.fusion, {})[r.seed] = r.test_by_size[k]
+        result.size_contrasts[k] = contrast_table(per, pairs)
 
 
 def _mean(values: list[float]) -> float | None:

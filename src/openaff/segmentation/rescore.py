@@ -29,11 +29,12 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..stats import paired_contrast
 from ..training.errors import ConfigError, DataError
 from .object_scores import size_columns
 
@@ -105,32 +106,6 @@ def _metrics_rows(folder: Path) -> list[dict]:
     with path.open() as f:
         return [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v not in ("", None)}
                 for r in csv.DictReader(f)]
-
-
-def paired_contrast(a: Sequence[float], b: Sequence[float]) -> dict:
-    """``a - b`` paired over seeds: ``n``, ``mean``, ``sd``, 95 % t interval ``lo``/``hi``, ``p`` (paired t-test)
-    and ``mdd`` (the smallest difference a two-sided 5 % paired t-test detects with about 80 % power at this sd).
-
-    Fewer than two pairs (or no spread) leave the interval, p and mdd None.
-    """
-    from scipy import stats
-
-    if len(a) != len(b):
-        raise ValueError(f"paired values differ in number: {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    n = len(d)
-    out = dict(n=n, mean=statistics.fmean(d) if d else None, sd=None, lo=None, hi=None, p=None, mdd=None)
-    if n < 2:
-        return out
-    sd = statistics.stdev(d)
-    out["sd"] = sd
-    if sd == 0:
-        return out
-    t = stats.ttest_rel(a, b)
-    ci = t.confidence_interval(0.95)
-    q = stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)
-    out.update(lo=float(ci.low), hi=float(ci.high), p=float(t.pvalue), mdd=float(q * sd / math.sqrt(n)))
-    return out
 
 
 def _seed_of(folder: Path) -> int | None:
