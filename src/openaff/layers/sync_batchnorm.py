@@ -10,7 +10,8 @@ other BatchNorm into ``nn.SyncBatchNorm`` as PyTorch's does::
 
     model = openaff.convert_sync_batchnorm(model)     # before DistributedDataParallel(model)
 
-:class:`ContextSyncBatchNorm` is an ``nn.SyncBatchNorm`` (for code that checks) whose training statistics
+:class:`ContextSyncBatchNorm` is not an ``nn.SyncBatchNorm`` subclass (PyTorch's DDP refuses those in CPU
+modules: "SyncBatchNorm layers only work with GPU modules"); its training statistics
 cover the batches of all processes of its group on any device (two differentiable all-reduces of ``C``
 values: the MS-CAMs' BatchNorms are narrow, so this costs little next to PyTorch's kernel, which exists only
 for accelerators); without a process group, or in a group of one, it is a ``ContextBatchNorm``. In evaluation
@@ -96,7 +97,7 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-class ContextSyncBatchNorm(_ContextBatchNorm, nn.SyncBatchNorm):
+class ContextSyncBatchNorm(_ContextBatchNorm):
     """``nn.SyncBatchNorm`` with :class:`~openaff.layers.mscam.ContextBatchNorm2d`'s rules, on any device.
 
     In training inside a process group of two or more: :func:`synchronised_batch_norm` (each process has at
@@ -113,6 +114,15 @@ class ContextSyncBatchNorm(_ContextBatchNorm, nn.SyncBatchNorm):
         track_running_stats: keep running statistics.
         process_group: the group whose batches are synchronised (None: the default group).
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions (B x C x ...), got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not isinstance(x, torch.fx.Proxy) and _group_size(self.process_group) > 1:
