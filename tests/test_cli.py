@@ -62,6 +62,8 @@ RULES: dict[str, Rule] = {
     "cifar100_labels": Rule("choice", choices=("fine", "coarse")),
     "limit_train": _int(1, optional=True),
     "limit_val": _int(1, optional=True),
+    "holdout": _int(0, optional=True),
+    "limit_test": _int(1, optional=True),
     "skip_corrupt": Rule("bool"),
     "workers": _int(0, optional=True),
     "img_size": _int(1, optional=True),

@@ -101,7 +101,7 @@ def reference(name, m, x, y, tr, scenario="short-skip", bottleneck=False, norm=N
     """The module's output by AFF.md 4b's formula, from its weights; x = Y (larger receptive field), y = X."""
     Y, X = x, y  # noqa: N806
     same = scenario == "same-layer"
-    if name == "add":
+    if name in ("add", "add_bn"):
         return Y + X
     if name == "concat":
         z = torch.cat([Y, X], 1)
@@ -154,7 +154,7 @@ def reference(name, m, x, y, tr, scenario="short-skip", bottleneck=False, norm=N
     raise KeyError(name)
 
 
-ZOO = ("add", "aff", "aff_global_global", "aff_local_local", "concat", "concat_aff", "half_aff", "iaff",
+ZOO = ("add", "add_bn", "aff", "aff_global_global", "aff_local_local", "concat", "concat_aff", "half_aff", "iaff",
        "ms_gau", "ms_sa", "ms_se", "recursive_aff")
 # Every type in the two scenarios that differ (long skip builds the short-skip modules: tested below),
 # plus the paper's versions selected by an option.
@@ -305,7 +305,7 @@ def test_bad_options_give_one_clear_error():
         (lambda: create_fusion("ms_sa", 8, bottleneck="yes"), "ms_sa: bottleneck must be True or False, got 'yes'"),
         (lambda: create_fusion("concat", 8, norm=1), "concat: norm must be True, False or None, got 1"),
         (lambda: create_fusion("aff", 8, 4, scenario=3), "unknown scenario 3"),
-        (lambda: create_fusion("nope", 8), "unknown fusion type 'nope'; choose one of add, aff"),
+        (lambda: create_fusion("nope", 8), "unknown fusion type 'nope'; choose one of add, add_bn, aff"),
         (lambda: MSCAM(8, branches=("local",)), r"branches must be two of \('local', 'global'\)"),
         (lambda: MSCAM(8, branches=("local", "pixel")), "branches must be two of"),
         (lambda: MSCAM(8, layers="deep"), "layers must be one of bottleneck, single, half, got 'deep'"),

@@ -110,3 +110,32 @@ def test_bad_contrasts_are_one_line_each() -> None:
     assert split_fusion_spec("aff@r2") == ("aff", 2) and split_fusion_spec("iaff") == ("iaff", None)
     with pytest.raises(StudyError, match="NAME@rK"):
         split_fusion_spec("aff@rx")
+
+
+def test_study_reports_test_numbers_by_side_and_paired_contrasts(fmnist: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from openaff.study import run_study, summarize
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(dict(model="cifar_resnet8", model_kwargs=dict(width_mult=0.125),
+                                          data="fashion-mnist-scenes", img_size=32, holdout=40, epochs=1,
+                                          batch_size=16, lr=0.1, aug="none", amp="none", workers=0)))
+    out = tmp_path / "s"
+    res = run_study(out, fusions="add,aff@r2", depths="1", seeds=2, data=f"fashion-mnist-scenes:{fmnist}",
+                    recipe=str(recipe), limit_train=64, threads=1, progress=False, contrasts="aff@r2-add")
+    runs = {(r.fusion, r.seed): r for r in res.runs}
+    assert all(r.status == "finished" and r.test is not None and r.test_by_size for r in res.runs)
+    test = json.loads((out / "runs" / "aff@r2-b1-s0" / "test.json").read_text())
+    assert runs["aff@r2", 0].test == test["selected"]["test_top1"]
+    (c,) = res.contrasts
+    assert (c["a"], c["b"], c["seeds"]) == ("aff@r2", "add", [0, 1])
+    assert c["mean"] == pytest.approx(sum(runs["aff@r2", s].test - runs["add", s].test for s in (0, 1)) / 2)
+    assert res.contrast_metric == "test at the selected epoch" and len(res.size_contrasts) == 4
+    table = (out / "table.md").read_text()
+    assert "## Test top-1 (%), epoch chosen on held-out validation" in table
+    assert "## Test by pasted item side" in table and "| aff@r2 − add | 2 |" in table
+    # The matched-budget AFF really is AFF at r = 2: more parameters than at r = 4.
+    cells = {c["fusion"]: c for c in res.cells}
+    assert cells["aff@r2"]["params"] > cells["add"]["params"]
+    assert summarize(out, progress=False, contrasts="add-aff@r2").contrasts[0]["mean"] == pytest.approx(-c["mean"])

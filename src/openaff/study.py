@@ -762,7 +762,7 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
               epochs: int | None = None, limit_train: int | None = None, limit_val: int | None = None,
               width_mult: float | None = None, threads: int | None = None, cifar100_labels: str | None = None,
               jobs: int = 1, progress: bool = True, launcher: str | None = None,
-              launcher_config: str | dict | None = None) -> StudyResult:
+              launcher_config: str | dict | None = None, contrasts: str | None = None) -> StudyResult:
     """Train the study's missing runs and aggregate all of them; the Python API of ``openaff study``.
 
     Args:
@@ -801,6 +801,7 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
         raise StudyError(f"scenario {scenario} is not available yet: {scn.unavailable}")
     family_name, fam = scn.family(family)
     names = _fusions(fusions, table)
+    pairs = resolve_contrasts(contrasts, names)  # bad contrasts stop before anything trains
     depth_list = _parse_list(depths, "depths", _depth)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise StudyError(f"--seeds must be an integer >= 1 (the runs use seeds 0 .. N-1), got {seeds!r}")
@@ -848,11 +849,11 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
                                  launcher=runner and runner.name, **{"launcher-config": runner and runner.given}))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with _lock(out):
-        return _execute(out, scn, settings, cells, command, jobs, progress, runner)
+        return _execute(out, scn, settings, cells, command, jobs, progress, runner, pairs)
 
 
 def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell], command: str, jobs: int,
-             progress: bool, runner: Any = None) -> StudyResult:
+             progress: bool, runner: Any = None, pairs: list[tuple[str, str]] | None = None) -> StudyResult:
     """Train what the study folder lacks (under its lock), keeping the tables up to date after every run."""
     states = {c.name: _cell_state(c) for c in cells}  # refuses foreign folders before anything trains
     planned = {(c.fusion, c.depth, c.seed): (c.params, c.gmacs) for c in cells}
@@ -861,7 +862,7 @@ def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell
     trained: list[str] = []
 
     def write(plot: bool = False) -> StudyResult:
-        result = _aggregate(out, settings, planned, command)
+        result = _aggregate(out, settings, planned, command, pairs)
         _write_outputs(result, command, plot=plot)
         return replace(result, trained=list(trained))
 
@@ -1066,8 +1067,19 @@ def study_markdown(result: StudyResult, command: str) -> str:
     data = b.get("data") + (f" ({b.get('cifar100_labels')} labels)" if b.get("data") == "cifar100" else "")
     out = [f"# Study: {title} on {data}", "",
            f"`{command}`", "",
-           f"{done} of {len(result.runs)} runs finished; seeds 0-{s.seeds - 1}; recipe {s.recipe} ({budget}).", "",
-           f"## Best validation {label} over all epochs", "",
+           f"{done} of {len(result.runs)} runs finished; seeds 0-{s.seeds - 1}; recipe {s.recipe} ({budget}).", ""]
+    if any(c.get("n_test") for c in result.cells):
+        out += [f"## Test {label}, epoch chosen on held-out validation", "",
+                "Mean ± sample std over the seeds of the test split's value with the weights of the epoch that the "
+                "held-out validation images chose (each run's test.json; the test split chose nothing).", ""]
+        out += _grid(result, lambda c, bold: _fmt(c["test_mean"], c["test_std"], c["n_test"], c["planned"], bold),
+                     "test_mean")
+        out += ["", f"## Test {label}, final epoch", ""]
+        out += _grid(result, lambda c, bold: _fmt(c["test_final_mean"], c["test_final_std"], c["n_test"],
+                                                  c["planned"]), None)
+        out += _size_lines(result)
+    out += _contrast_lines(result)
+    out += [f"## Best validation {label} over all epochs", "",
            f"Mean ± sample std over the seeds of each run's best `{metric}` over its epochs (what the authors "
            "reported); the best mean of each column in bold; (n/N): only n of N seeds finished.", ""]
     out += _grid(result, lambda c, bold: _fmt(c["best_mean"], c["best_std"], c["n"], c["planned"], bold), "best_mean")
@@ -1090,19 +1102,64 @@ def study_markdown(result: StudyResult, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _size_lines(result: StudyResult) -> list[str]:
+    b = result.settings.depths[0]
+    done = [r for r in result.runs if r.status == "finished" and r.depth == b and r.test_by_size]
+    bins = sorted({k for r in done for k in r.test_by_size}, key=lambda k: int(k.split("-")[0]))
+    if not bins:
+        return []
+    lines = ["", f"## Test by pasted item side (b = {b}, selected epoch)", "",
+             "Mean ± sample std over the seeds, per bin of the item's side in pixels.", "",
+             "| fusion | " + " | ".join(f"{k} px" for k in bins) + " |", "|---|" + "---:|" * len(bins)]
+    for f in result.settings.fusions:
+        cells = []
+        for k in bins:
+            vals = [r.test_by_size[k] for r in done if r.fusion == f and r.test_by_size.get(k) is not None]
+            cells.append(_fmt(_mean(vals), _std(vals), len(vals), len(vals)))
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _contrast_row(c: dict) -> str:
+    def num(v: float | None, fmt: str = "+.2f") -> str:
+        return "—" if v is None else format(v, fmt)
+
+    supported = c["p_holm"] is not None and c["p_holm"] < 0.05
+    ci = "—" if c["lo"] is None else f"[{c['lo']:+.2f}, {c['hi']:+.2f}]"
+    return (f"| {c['a']} − {c['b']} | {c['n']} | {num(c['mean'])} | {ci} | {num(c['p'], '.3g')} | "
+            f"{num(c['p_holm'], '.3g')} | {num(c['mdd'], '.2f')} | {'**yes**' if supported else 'no'} |")
+
+
+def _contrast_lines(result: StudyResult) -> list[str]:
+    if not result.contrasts:
+        return [""]
+    head = ["| contrast | seeds | mean | 95 % interval | p | p (Holm) | min. detectable | supported |",
+            "|---|---:|---:|---|---:|---:|---:|---|"]
+    lines = ["", f"## Paired contrasts over seeds ({result.contrast_metric}, b = {result.settings.depths[0]})", "",
+             "Differences a − b in points, seed by seed (the same seed: the same data order and augmentation); "
+             "95 % t interval; p of the paired t-test and Holm-corrected over the contrasts listed; the minimum "
+             "detectable difference is the smallest one this many seeds would find at 80 % power and this spread. "
+             "Only a Holm p below 0.05 counts as supported; everything else is undecided, not 'equal'.", "",
+             *head, *map(_contrast_row, result.contrasts)]
+    for k, rows in result.size_contrasts.items():
+        lines += ["", f"Items of {k} px (Holm within the bin):", "", *head, *map(_contrast_row, rows)]
+    return lines + [""]
+
+
 def _write_outputs(result: StudyResult, command: str, plot: bool) -> None:
     out = result.output
     out.mkdir(parents=True, exist_ok=True)
     doc = dict(settings=asdict(result.settings), command=command, metric=_metric(result),
-               runs=[asdict(r) for r in result.runs], cells=result.cells)
+               runs=[asdict(r) for r in result.runs], cells=result.cells, contrast_metric=result.contrast_metric,
+               contrasts=result.contrasts, size_contrasts=result.size_contrasts)
     atomic_write(out / "study.json", lambda f: f.write((json.dumps(doc, indent=2) + "\n").encode()))
     buf = io.StringIO()
     names = ["scenario", *RunRecord.__dataclass_fields__]
     writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for r in result.runs:
-        writer.writerow({"scenario": result.settings.scenario, **{k: ("" if v is None else v)
-                                                                  for k, v in asdict(r).items()}})
+        writer.writerow({"scenario": result.settings.scenario, **{
+            k: "" if v is None else json.dumps(v) if isinstance(v, dict) else v for k, v in asdict(r).items()}})
     atomic_write(out / "results.csv", lambda f: f.write(buf.getvalue().encode()))
     atomic_write(out / "table.md", lambda f: f.write(study_markdown(result, command).encode()))
     if plot:
@@ -1151,7 +1208,7 @@ def plot_study(result: StudyResult, path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def summarize(output: str | Path, progress: bool = True) -> StudyResult:
+def summarize(output: str | Path, progress: bool = True, contrasts: str | None = None) -> StudyResult:
     """Re-aggregate the study in ``output`` (table.md, study.json, results.csv, study.png) without training.
 
     Args:
@@ -1167,7 +1224,7 @@ def summarize(output: str | Path, progress: bool = True) -> StudyResult:
         command = json.loads((out / "study.json").read_text()).get("command", "")
     except (OSError, json.JSONDecodeError):
         command = ""
-    result = _aggregate(out, settings, None, command)
+    result = _aggregate(out, settings, None, command, resolve_contrasts(contrasts, settings.fusions))
     _write_outputs(result, command, plot=True)
     if progress:
         print(f"study: {sum(r.status == 'finished' for r in result.runs)} of {len(result.runs)} runs finished in "
@@ -1231,6 +1288,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "gpus_per_task, cpus_per_task, mem, array_parallelism, setup, ...)")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="study folder (default: runs/study-<scenario>-<data>-<time>); an existing one continues")
+    p.add_argument("--contrasts", metavar="A-B,...", default=None,
+                   help="paired contrasts over seeds in table.md, e.g. aff-add,iaff-aff (default: those of "
+                        "aff-add, iaff-add, iaff-aff, aff-ms_gau, iaff-ms_gau, aff@r2-aff, aff@r2-ms_gau, add_bn-add, "
+                        "aff-add_bn, concat-add whose types are in the grid); Holm-corrected; also with --summarize")
     p.add_argument("--summarize", metavar="DIR", default=None, help="re-aggregate the study in DIR, train nothing")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a progress bar over the grid")
@@ -1246,10 +1307,10 @@ def _run(args: argparse.Namespace) -> int:
         given = [f"--{k.replace('_', '-')}" for k in _STUDY_FLAGS if getattr(args, k) is not None]
         if given or args.jobs != 1:
             raise StudyError(f"--summarize re-aggregates a study as it was run; drop {' '.join(given) or '--jobs'}")
-        summarize(args.summarize)
+        summarize(args.summarize, contrasts=args.contrasts)
         return 0
     kwargs = {k: getattr(args, k) for k in _STUDY_FLAGS if getattr(args, k) is not None}
-    result = run_study(**kwargs, jobs=args.jobs, progress=args.progress)
+    result = run_study(**kwargs, jobs=args.jobs, progress=args.progress, contrasts=args.contrasts)
     print(study_markdown_best(result))
     return 0
 
