@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from .stats import contrast_table, parse_contrasts
 from .training.checkpoint import atomic_write
 from .training.config import TrainConfig, make_config, to_yaml
 from .training.errors import ConfigError, OpenAFFError, one_line, run_command
@@ -564,7 +565,6 @@ DEFAULT_CONTRASTS = (("aff", "add"), ("iaff", "add"), ("iaff", "aff"), ("aff", "
 def resolve_contrasts(text: str | None, fusions: Sequence[str]) -> list[tuple[str, str]]:
     """The study's contrasts: ``--contrasts A-B,...`` checked against the grid, or the defaults the grid allows."""
     from .layers import fusion_names
-    from .stats import parse_contrasts
 
     if text is None:
         return [(a, b) for a, b in DEFAULT_CONTRASTS if a in fusions and b in fusions]
@@ -994,8 +994,6 @@ def _aggregate(out: Path, settings: StudySettings, planned: dict | None, command
 def _add_contrasts(result: StudyResult, pairs: list[tuple[str, str]]) -> None:
     """Paired contrasts at the first depth: on the test split where every run has one, else on the best
     validation value (older studies); and the same contrasts within each item-side bin of the test split."""
-    from .stats import contrast_table
-
     b = result.settings.depths[0]
     done = [r for r in result.runs if r.status == "finished" and r.depth == b]
     use_test = bool(done) and all(r.test is not None for r in done)

@@ -25,6 +25,7 @@ stops with one line that gives the command to resume (exit status 130).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from .. import hub
 from ..cpu_memory import apply_cpu_alloc
 from ..model_card import CARD_NAME, write_run_card
 from . import distributed
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, load_weights
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
 from .data import DataBundle, build_data
 from .datasets import HOLDOUT_SEED
@@ -355,10 +356,6 @@ def _score_test(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dis
     """
     if data.test_loader is None or state.best_epoch < 0:
         return None
-    import copy
-
-    from .checkpoint import load_weights
-
     if dist.distributed:
         tdist.barrier()  # rank 0 wrote the selected weights
     selected = copy.deepcopy(state.model)
