@@ -32,8 +32,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff, and the direction of imports (pyproject.toml [tool.importlinter], docs/architecture.md).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 models: install
 	$(BIN)/openaff models

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +87,40 @@ def openaff(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m openaff ARGS`` in a fresh process and capture its output."""
     return subprocess.run([sys.executable, "-m", "openaff", *args], capture_output=True, text=True, env=env(),
                           timeout=timeout, cwd=ROOT)
+
+
+def wait_for_step(proc: subprocess.Popen, checkpoint: Path, step: int, timeout: float = 240) -> None:
+    """Return once ``checkpoint`` (a run's last.pt, rewritten atomically) records ``global_step >= step``, or the
+    process has ended, or ``timeout`` seconds have passed.
+
+    The file is read only when a new one has replaced it (a changed inode or mtime), so the parent stays
+    idle while its child trains instead of unpickling the same checkpoint every few milliseconds.
+    """
+    from openaff.training.checkpoint import load_checkpoint
+
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            st = os.stat(checkpoint)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_ino, st.st_mtime_ns) != seen:
+            seen = (st.st_ino, st.st_mtime_ns)
+            try:
+                if load_checkpoint(checkpoint)["global_step"] >= step:
+                    return
+            except Exception:  # noqa: BLE001  (replaced while being read: the next one will do)
+                seen = None
+        time.sleep(0.05)
+
+
+def sigkill_at_step(args: list[str], run: Path, step: int) -> None:
+    """Start ``openaff train ARGS --output RUN`` and SIGKILL it once its last.pt has reached ``step``."""
+    proc = subprocess.Popen([sys.executable, "-m", "openaff", "train", *args, "--output", str(run)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(proc, run / "last.pt", step)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -24,7 +24,7 @@ from openaff.cam import (
     uniform_map,
 )
 from openaff.cam.images import Sample, _preprocess
-from openaff.training.errors import ConfigError, DataError
+from openaff.errors import ConfigError, DataError
 
 pytest.importorskip("pytorch_grad_cam")
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from openaff.errors import CheckpointError
+from openaff.files import atomic_write, load_weights, save_weights
 from openaff.mxnet.ndarray import save_ndarray_list
-from openaff.training.checkpoint import atomic_write, load_checkpoint, load_weights, save_checkpoint, save_weights
-from openaff.training.errors import CheckpointError
+from openaff.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture

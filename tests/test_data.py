@@ -14,11 +14,11 @@ from _cifar_utils import Reduce, official_cifar10
 from _train_utils import write_cifar, write_fashion_mnist, write_image_folder
 from PIL import Image
 
+from openaff.errors import ConfigError, CorruptImageError, DataError
 from openaff.training import make_config
 from openaff.training.data import build_data
 from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_data, load_fashion_mnist, read_idx
 from openaff.training.distributed import DistInfo
-from openaff.training.errors import ConfigError, CorruptImageError, DataError
 from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler
 
 

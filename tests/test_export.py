@@ -23,8 +23,8 @@ from torch import nn
 
 from openaff import export as export_mod
 from openaff.cli import main
+from openaff.errors import ConfigError
 from openaff.export import ExportError, export_model, real_images
-from openaff.training.errors import ConfigError
 
 # TorchScript is deprecated in torch >= 2.9 but still what `--format torchscript` is for.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 import openaff  # noqa: F401  (registers the models with timm)
 from openaff import hub
-from openaff.training.checkpoint import save_weights
-from openaff.training.errors import CheckpointError, ConfigError
+from openaff.errors import CheckpointError, ConfigError
+from openaff.files import save_weights
 
 LABELS = [f"class{i}" for i in range(10)]
 GREY = dict(input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,))

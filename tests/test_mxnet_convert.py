@@ -17,9 +17,9 @@ from safetensors import safe_open
 
 import openaff
 from openaff.cli import main
+from openaff.errors import CheckpointError
 from openaff.mxnet import load_params, save_ndarray_list
 from openaff.mxnet.convert import ConversionError, check_fit, convert_params, infer_model
-from openaff.training.errors import CheckpointError
 
 AFF8 = COMPACT / "aff_cifar_resnet_b1_c1_k10.params"
 IAFF14 = COMPACT / "iaff_cifar_resnet_b2_c1_k10_s2.params"

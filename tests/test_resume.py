@@ -12,17 +12,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _train_utils import env, write_fashion_mnist
+from _train_utils import env, wait_for_step, write_fashion_mnist
 
 from openaff.cli import main
+from openaff.files import load_weights
 from openaff.training import ConfigError, NonFiniteLossError, make_config
-from openaff.training.checkpoint import load_checkpoint, load_weights
+from openaff.training.checkpoint import load_checkpoint
 from openaff.training.train import fresh_run_folder, train
 
 TINY = ["--model", "aff_cifar_resnet8", "--model-kwargs", "width_mult=0.125", "--threads", "1", "--workers", "0",
@@ -188,14 +188,14 @@ def test_a_diverged_run_stops_with_status_2_and_keeps_no_non_finite_file(fmnist:
 
 
 def test_a_nan_validation_loss_never_becomes_the_best(fmnist: Path, tmp_path: Path, monkeypatch) -> None:
-    import openaff.training.train as train_mod
+    from openaff.training.tasks import CLASSIFY
 
-    real = train_mod.evaluate
+    real = CLASSIFY.evaluate
 
     def nan_but_perfect(*args, **kwargs) -> dict:  # the worst case: a top-1 that beats every earlier epoch
         return {**real(*args, **kwargs), "val_loss": float("nan"), "val_top1": 100.0}
 
-    monkeypatch.setattr(train_mod, "evaluate", nan_but_perfect)
+    monkeypatch.setattr(CLASSIFY, "evaluate", nan_but_perfect)  # the task's evaluation, as the engine calls it
     cfg = make_config(data_dir=str(fmnist), model_kwargs=dict(width_mult=0.125), limit_train=128, limit_val=64,
                       batch_size=32, epochs=1, lr=0.05, output=str(tmp_path / "run"), progress=False, workers=0,
                       threads=1)
@@ -238,14 +238,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command_that_works(fmnist: Path,
     proc = subprocess.Popen([sys.executable, "-m", "openaff", *args], env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if load_checkpoint(run / "last.pt")["global_step"] >= 3:
-                    break
-            except Exception:  # noqa: BLE001  (not written yet)
-                pass
-            time.sleep(0.02)
+        wait_for_step(proc, run / "last.pt", 3)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:

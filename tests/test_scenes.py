@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from openaff.cli import main
+from openaff.errors import ConfigError, DataError
 from openaff.training.datasets import DATASET_STATS, FASHION_MNIST_DIR, load_data, load_fashion_mnist
-from openaff.training.errors import ConfigError, DataError
 from openaff.training.loader import EvalSampler, make_loader
 from openaff.training.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes, boxes_from_masks, save_sample_grid
 
@@ -206,7 +206,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_tiny_training_run(run_dir: tuple[Path, dict]) -> None:
     out, last = run_dir
     assert (out / "model.safetensors").is_file() and (out / "metrics.csv").is_file()
-    from openaff.training.checkpoint import load_weights
+    from openaff.files import load_weights
 
     _, meta = load_weights(out / "model.safetensors")
     assert meta["data"] == "fashion-mnist-scenes" and meta["in_chans"] == 1 and meta["num_classes"] == 10

@@ -28,9 +28,9 @@ from openaff.segmentation.object_scores import (
     size_columns,
 )
 from openaff.segmentation.rescore import paired_contrast
+from openaff.segmentation.task import SEGMENT
 from openaff.training import make_config
 from openaff.training.distributed import DistInfo
-from openaff.training.engine import evaluate
 from openaff.training.loader import EvalSampler, make_loader
 from openaff.training.scenes import FashionMNISTScenes
 from openaff.training.train import train
@@ -111,7 +111,7 @@ def test_the_engine_scores_every_scene_with_its_own_side(fmnist: Path) -> None:
     assert torch.equal(scenes.item_sides(), made["side"])
     loader = make_loader(scenes, EvalSampler(13, 5), 0, False, collate_fn=seg_collate)  # batches of 5, 5, 3
     pipe = SegmentationPipeline(torch.device("cpu"), (0.2,), (0.3,))
-    res = evaluate(net, loader, pipe, DistInfo(), task="segment", num_classes=11, progress=False)
+    res = SEGMENT.evaluate(net, loader, pipe, DistInfo(), num_classes=11, progress=False)
     with torch.no_grad():
         x, y = pipe.batch(made["image"], made["mask"])
         counts = scene_counts(net(x).argmax(1), y, 11)

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ import timm
 import torch
 import yaml
 from _seg_utils import write_voc
-from _train_utils import env, openaff, write_fashion_mnist
+from _train_utils import env, openaff, sigkill_at_step, write_fashion_mnist
 
 from openaff import load_pretrained
 from openaff.cli import main
@@ -96,21 +93,7 @@ def test_sigkill_and_resume_is_bit_identical(fmnist: Path, tmp_path: Path) -> No
     total = 2 * 96 // 8
     kill_at = int(torch.randint(3, total - 6, (1,)))
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "openaff", "train", *args, "--output", str(run)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if load_checkpoint(run / "last.pt")["global_step"] >= kill_at:
-                    break
-            except Exception:  # noqa: BLE001  (not written yet)
-                pass
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    sigkill_at_step(args, run, kill_at)
     assert load_checkpoint(run / "last.pt")["global_step"] < total
     resumed = openaff("train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
@@ -209,7 +192,7 @@ def test_voc_folder_trains_through_loader_workers_and_evaluates_whole_images(tmp
 
 
 def test_study_long_skip_trains_fpn_cells_and_reports_miou(fmnist: Path, tmp_path: Path) -> None:
-    import openaff.segmentation.study  # noqa: F401  (the long-skip scenario)
+
     from openaff.study import run_study
 
     recipe = tmp_path / "seg.yaml"

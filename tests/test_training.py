@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from _train_utils import TINY, env, openaff, write_fashion_mnist, write_image_folder
+from _train_utils import TINY, env, openaff, sigkill_at_step, write_fashion_mnist, write_image_folder
 
 from openaff.cli import main
+from openaff.errors import NonFiniteLossError
+from openaff.files import load_weights
 from openaff.training import make_config
-from openaff.training.checkpoint import load_checkpoint, load_weights
-from openaff.training.errors import NonFiniteLossError
+from openaff.training.checkpoint import load_checkpoint
 from openaff.training.metrics import COLUMNS
 from openaff.training.train import train
 
@@ -92,21 +90,7 @@ def test_sigkill_and_resume_is_exact(fmnist: Path, tmp_path: Path) -> None:
     total = 2 * 256 // 16
     kill_at = int(torch.randint(4, total - 12, (1,)))
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "openaff", "train", *args, "--output", str(run)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if load_checkpoint(run / "last.pt")["global_step"] >= kill_at:
-                    break
-            except Exception:  # noqa: BLE001  (not written yet)
-                pass
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    sigkill_at_step(args, run, kill_at)
     stopped = load_checkpoint(run / "last.pt")
     assert stopped["global_step"] < total
     resumed = openaff("train", "--resume", str(run))

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
-from .training.errors import ConfigError, OpenAFFError, run_command
+from .errors import ConfigError, OpenAFFError, run_command
 
 __all__ = ["BenchResult", "add_parser", "check_args", "main", "markdown_table", "run_bench"]
 

@@ -2,8 +2,8 @@
 
 Exit status: 0 on success; 2 for anything the user can fix (a bad flag or value, a missing or
 unreadable file), reported on one line ``openaff COMMAND: error: ...`` (argparse's usage errors
-and the commands' :class:`~openaff.training.errors.OpenAFFError` alike, the latter through
-:func:`~openaff.training.errors.run_command`); 130 after Ctrl-C. ``openaff bench`` exits 1 when
+and the commands' :class:`~openaff.errors.OpenAFFError` alike, the latter through
+:func:`~openaff.errors.run_command`); 130 after Ctrl-C. ``openaff bench`` exits 1 when
 some of its models failed to run (the others' numbers are still written).
 """
 

@@ -50,7 +50,7 @@ import timm
 import torch
 from torch import nn
 
-from .training.errors import ConfigError, OpenAFFError, one_line, run_command
+from .errors import ConfigError, OpenAFFError, one_line, run_command
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "add_parser", "export_model", "real_images", "summary"]
 

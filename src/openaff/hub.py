@@ -23,8 +23,8 @@ import timm
 import torch
 from torch import nn
 
-from .training.checkpoint import atomic_write, load_weights, save_weights
-from .training.errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError
+from .files import atomic_write, load_weights, save_weights
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_hub_dir", "load_line", "load_pretrained", "save_pretrained"]
 

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .training.errors import ConfigError, run_command
+from .errors import ConfigError, run_command
 
 __all__ = ["ModelInfo", "list_openaff_models", "model_info", "models_table"]
 

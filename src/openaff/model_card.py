@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import hub
+from .errors import CheckpointError
+from .files import atomic_write
 from .info import model_info
-from .training.checkpoint import atomic_write
-from .training.errors import CheckpointError
 
 __all__ = ["CARD_NAME", "CITATION", "write_conversion_card", "write_model_card", "write_run_card"]
 
@@ -135,7 +135,7 @@ def write_model_card(directory: str | Path, *, description: str, facts: Mapping[
 
 
 def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence[Mapping[str, Any]],
-                   best_epoch: int, world_size: int = 1) -> Path:
+                   best_epoch: int, world_size: int = 1, *, task: Any) -> Path:
     """The card of a training run's folder (the best weights so far), rewritten after every epoch.
 
     Args:
@@ -145,10 +145,9 @@ def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence
         history: the rows of ``metrics.csv`` so far.
         best_epoch: the epoch (from 0) whose weights the folder holds.
         world_size: training processes.
+        task: the run's :class:`~openaff.training.tasks.Task` (its metric, card scores, command, kind of model).
     """
-    seg = data.task == "segment"
-    metric, label = ("val_miou", "mIoU") if seg else ("val_top1", "top-1")
-    scores = ("val_miou", "val_pixel_acc", "val_mean_acc") if seg else ("val_top1", "val_top5")
+    metric, label, scores = task.metric, task.metric_label, task.card_scores
     best = next(r for r in history if r["epoch"] == best_epoch)
     final = history[-1]
     kept = f"ema_{metric}" if cfg.ema_decay > 0 else metric  # the kept weights are the EMA's when EMA is on
@@ -168,7 +167,7 @@ def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence
             f"last epoch ({final['epoch'] + 1} of {cfg.epochs} planned)": numbers(final),
         },
         "Training": {
-            "command": f"{'openaff segment train' if seg else 'openaff train'} (recipe {cfg.recipe or 'none'}; the "
+            "command": f"{task.command} (recipe {cfg.recipe or 'none'}; the "
                        "run's config.yaml has every setting)",
             "schedule": f"{cfg.epochs} epochs, {cfg.sched}, warm-up {cfg.warmup_epochs:g} epochs",
             "optimizer": f"{cfg.opt}, lr {cfg.lr if cfg.lr is not None else f'{cfg.lr_base} per {cfg.lr_base_size}'}"
@@ -176,7 +175,7 @@ def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence
             "seed": cfg.seed,
         },
     }
-    what = "segmenter" if seg else "classifier"
+    what = task.model_kind
     description = (f"An Attentional Feature Fusion {what} trained with open-aff on {source}"
                    f"{labels}: {data.train_size:,} training and {data.val_size:,} validation images, "
                    f"{data.num_classes} classes.")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hub
+from .errors import OpenAFFError, run_command
 from .model_card import CARD_NAME
-from .training.errors import OpenAFFError, run_command
 
 __all__ = ["PUSH_FILES", "PushError", "PushPlan", "plan_push", "push"]
 

@@ -25,8 +25,9 @@ change, and a run folder whose configuration differs from what the study asks is
 A scenario (:data:`SCENARIOS`, :func:`register_scenario`) maps (fusion, b) to a timm model and
 names the metrics.csv column it reads: ``same-layer`` (Inception-style cells,
 ``cifar_inception_resnet{6b+2}``) and ``short-skip`` (``cifar_resnet{6b+2}``, or
-``cifar_resnext{9b+2}_32x4d`` with ``--family resnext``) read ``val_top1``; ``long-skip`` (FPN,
-mIoU) plugs in with the segmentation work.
+``cifar_resnext{9b+2}_32x4d`` with ``--family resnext``) read ``val_top1``; ``long-skip``
+(``fpn_cifar_resnet{6b+2}``: the fusion in every top-down merge of the FPN, the encoder's blocks add;
+a segmentation recipe, e.g. ``--recipe segment-cpu``) reads ``val_miou``.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError, OpenAFFError, one_line, run_command
+from .files import atomic_write
 from .stats import contrast_table, parse_contrasts
-from .training.checkpoint import atomic_write
 from .training.config import TrainConfig, make_config, to_yaml
-from .training.errors import ConfigError, OpenAFFError, one_line, run_command
+from .training.datasets import DATASET_STATS, resolve_source
 from .training.metrics import write_csv
 from .training.resume import RESUMABLE, load_resume_checkpoint
+from .training.tasks import task_for_model
 from .training.train import RUN_FILES, fresh_run_folder, train
 
 __all__ = ["PAPER", "SCENARIOS", "TABLE_FUSIONS", "Family", "RunRecord", "Scenario", "StudyError", "StudyResult",
@@ -159,7 +162,6 @@ class Scenario:
         metric: the metrics.csv column whose best value over the epochs is reported.
         metric_label: how the metric is named in tables (with its unit).
         families: ``--family`` name -> model family; the first is the default.
-        unavailable: why the scenario cannot run yet (None: it can).
         train: the function that trains one run's :class:`TrainConfig` (default: ``openaff train``'s); it is
             called as ``train(cfg, overwrite=...)`` or ``train(cfg, resume=folder)`` and writes the run
             folder, metrics.csv with the ``metric`` column included.
@@ -171,7 +173,6 @@ class Scenario:
     metric: str = "val_top1"
     metric_label: str = "top-1 (%)"
     families: dict[str, Family] = field(default_factory=dict)
-    unavailable: str | None = None
     train: Callable | None = None
     data_kinds: tuple[str, ...] = DATA_CHOICES
 
@@ -212,7 +213,7 @@ SCENARIOS: dict[str, Scenario] = {}
 
 
 def register_scenario(scenario: Scenario) -> Scenario:
-    """Add (or replace) a scenario of ``openaff study``; returns it. The segmentation work registers long-skip."""
+    """Add (or replace) a scenario of ``openaff study``; returns it."""
     SCENARIOS[scenario.name] = scenario
     return scenario
 
@@ -222,16 +223,10 @@ register_scenario(Scenario("same-layer", "same layer (Inception-style cells)", f
 register_scenario(Scenario("short-skip", "short skip (ResNet blocks)", families={
     "resnet": Family("cifar_resnet{depth}", 6, 2, "ResNet-{depth}"),
     "resnext": Family("cifar_resnext{depth}_32x4d", 9, 2, "ResNeXt-{depth}-32x4d")}))
-register_scenario(Scenario("long-skip", "long skip (FPN)", metric="val_miou", metric_label="mIoU (%)",
-                           unavailable="it comes with the segmentation work (AFF-FPN, mIoU); use same-layer or "
-                                       "short-skip"))
-
-
-
-def _load_scenarios() -> None:
-    """Register the scenarios that live elsewhere: long-skip comes with the segmentation models
-    (:mod:`openaff.segmentation.study`, which imports this module, hence on first use and not at import)."""
-    import openaff.segmentation.study  # noqa: F401
+# The fusion in every top-down merge of the FPN (the encoder's blocks add), through the same training engine.
+register_scenario(Scenario("long-skip", "long skip (FPN top-down merges)", metric="val_miou", metric_label="mIoU (%)",
+                           families={"resnet": Family("fpn_cifar_resnet{depth}", 6, 2, "FPN-ResNet-{depth}")},
+                           data_kinds=("fashion-mnist-scenes",)))
 
 
 # --- settings -------------------------------------------------------------------------------------------------
@@ -418,14 +413,8 @@ def _data_facts(cfg: TrainConfig) -> tuple[int, int, int]:
     Loaded as training will load it: a segmenter's masks have one class more (background) than the
     scenes' labels, and its parameter count depends on that.
     """
-    from .training.datasets import load_data
-
-    if cfg.task == "segment":
-        from .segmentation.data import load_segmentation_data
-
-        data = load_segmentation_data(cfg, train=False)
-        return data.num_classes, data.in_chans, data.img_size
-    data = load_data(cfg.data, cfg.data_dir, train=False, cifar100_labels=cfg.cifar100_labels, img_size=cfg.img_size)
+    mean, std = DATASET_STATS[resolve_source(cfg.data, cfg.data_dir)[0]]
+    data = task_for_model(cfg.model).load_data(cfg, False, mean, std)
     return data.num_classes, data.in_chans, data.img_size
 
 
@@ -793,12 +782,9 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
             configuration, or a run that failed (the others keep their results).
         KeyboardInterrupt: Ctrl-C; its note gives the command that continues the study.
     """
-    _load_scenarios()
     scn = SCENARIOS.get(scenario)
     if scn is None:
         raise StudyError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
-    if scn.unavailable:
-        raise StudyError(f"scenario {scenario} is not available yet: {scn.unavailable}")
     family_name, fam = scn.family(family)
     names = _fusions(fusions, table)
     pairs = resolve_contrasts(contrasts, names)  # bad contrasts stop before anything trains
@@ -1213,7 +1199,6 @@ def summarize(output: str | Path, progress: bool = True, contrasts: str | None =
         output: a study folder written by :func:`run_study`.
         progress: print where the files are.
     """
-    _load_scenarios()
     out = Path(output)
     if not out.is_dir():
         raise StudyError(f"--summarize {out}: no such folder")
@@ -1257,7 +1242,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("study", help="the paper's fusion study: a grid of training runs and its tables",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default=None, help="where the fusion sits: same-layer | short-skip "
-                   "(long-skip comes with segmentation); default short-skip")
+                   "| long-skip (FPN, mIoU; with a segmentation recipe); default short-skip")
     p.add_argument("--family", default=None, help="model family of the scenario (short-skip: resnet, resnext)")
     p.add_argument("--fusions", default=None, help="comma-separated fusion types (default: the seven of Table 4: "
                    "add,concat,ms_gau,ms_se,ms_sa,aff,iaff)")

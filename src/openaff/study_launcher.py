@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from . import study
-from .training.checkpoint import atomic_write
+from .files import atomic_write
 
 __all__ = ["LAUNCHERS", "CellJob", "Launcher", "make_launcher", "parse_launcher_config"]
 

@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 
-from ..training.errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["BASELINES", "baseline_maps", "brightness_map", "centre_prior", "uniform_map"]
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..training.errors import ConfigError, run_command
+from ..errors import ConfigError, run_command
 from .attention import attention_maps
 from .gradcam import METHODS, gradcam_grid
 from .images import PHOTOS, Sample, load_images, photo_samples, scene_samples

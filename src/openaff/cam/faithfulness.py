@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..training.errors import ConfigError
+from ..errors import ConfigError
 from .models import CamModel
 
 __all__ = ["ROAD_PERCENTILES", "road_scores"]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training.errors import ConfigError
+from ..errors import ConfigError
 from .images import Sample, _as_samples, _preprocess
 from .models import CamError, CamModel, _resolve_class, load_model
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training.errors import ConfigError, CorruptImageError, DataError
+from ..errors import ConfigError, CorruptImageError, DataError
 from .models import CamModel
 
 __all__ = ["IMAGE_SUFFIXES", "PHOTOS", "Sample", "load_images", "photo_samples", "scene_samples"]

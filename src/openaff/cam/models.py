@@ -11,7 +11,7 @@ import numpy as np
 import timm
 from torch import nn
 
-from ..training.errors import CheckpointError, ConfigError, OpenAFFError
+from ..errors import CheckpointError, ConfigError, OpenAFFError
 
 __all__ = ["CamError", "CamModel", "default_target_layer", "load_model"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..training.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .baselines import BASELINES, baseline_maps
 from .faithfulness import ROAD_PERCENTILES, road_scores
 from .gradcam import compute_cams

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..training.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .baselines import BASELINES
 from .faithfulness import ROAD_PERCENTILES
 from .gradcam import _cam_class, _save, gradcam_grid

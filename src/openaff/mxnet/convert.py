@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from .. import hub
+from ..errors import CheckpointError, run_command
+from ..files import save_weights
 from ..model_card import write_conversion_card
 from ..models.aff_cifar import RESNET_DEPTHS, RESNEXT_DEPTHS
-from ..training.checkpoint import save_weights
-from ..training.errors import CheckpointError, run_command
 from .ndarray import MXNetFormatError, load_params
 
 __all__ = ["ConversionError", "MXNetModelSpec", "check_fit", "check_output", "convert_params", "infer_model",

@@ -11,11 +11,12 @@ so a trained run folder loads with ``timm.create_model("local-dir:RUN", pretrain
 resuming, DDP and evaluation are the classification engine's (``openaff train`` with a segmentation
 model; ``openaff segment`` for pictures). Modules: ``fpn`` (the models), ``data`` (scenes masks, VOC
 folders, joint augmentation), ``metrics`` (confusion matrix, mIoU), ``predict`` (overlays, grids),
-``study`` (the long-skip scenario of ``openaff study``), ``cli``.
+``task`` (segmentation as a task of the training engine), ``cli``.
 """
 
 from .fpn import SEGMENTERS, FPNMerge, FusionFPN, create_segmenter, is_segmenter
 from .metrics import IGNORE_INDEX, confusion_matrix, scores
+from .task import SEGMENT  # registers the segmentation task with the training engine
 
-__all__ = ["IGNORE_INDEX", "SEGMENTERS", "FPNMerge", "FusionFPN", "confusion_matrix", "create_segmenter",
+__all__ = ["IGNORE_INDEX", "SEGMENT", "SEGMENTERS", "FPNMerge", "FusionFPN", "confusion_matrix", "create_segmenter",
            "is_segmenter", "scores"]

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..training.errors import ConfigError, run_command
+from ..errors import ConfigError, run_command
 
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from . import study  # noqa: F401  (the long-skip scenario of `openaff study`)
-
     p = subparsers.add_parser("segment", help="segmentation (AFF-FPN): models, train, eval, predict pictures",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="segment_command", metavar="SUBCOMMAND")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +40,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, CorruptImageError, DataError
 from ..training.config import TrainConfig
 from ..training.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, resolve_source
-from ..training.distributed import DistInfo
-from ..training.errors import ConfigError, CorruptImageError, DataError
-from ..training.loader import BatchPipeline, EvalSampler, TrainSampler, _key, make_loader
+from ..training.loader import BatchPipeline, _key
+from ..training.scenes import FashionMNISTScenes
 from .metrics import IGNORE_INDEX
 
 __all__ = ["SCALE_RANGE", "SEGMENTATION_KINDS", "VOC_CLASSES", "JointTransform", "SceneMasks", "SegmentationPipeline",
-           "VOCSegmentation", "build_segmentation_data", "read_mask", "seg_collate", "voc_palette"]
+           "VOCSegmentation", "read_mask", "seg_collate", "voc_palette"]
 
 SEGMENTATION_KINDS = ("fashion-mnist-scenes", "voc")
 SCALE_RANGE = (0.5, 2.0)  # scale-crop-flip: the usual VOC range (DeepLab, mmsegmentation)
@@ -387,8 +386,6 @@ def load_segmentation_data(cfg: TrainConfig, train: bool = True) -> ImageData:
     mean, std = DATASET_STATS[kind]
     geometric = cfg.aug in ("crop-flip", "scale-crop-flip")
     if kind == "fashion-mnist-scenes":
-        from ..training.scenes import FashionMNISTScenes
-
         canvas = cfg.img_size or SCENES_CANVAS
         if canvas < 28:
             raise DataError(f"fashion-mnist-scenes: --img-size (the canvas side) must be at least 28, got {canvas}")
@@ -401,47 +398,3 @@ def load_segmentation_data(cfg: TrainConfig, train: bool = True) -> ImageData:
     val = VOCSegmentation(root, "val", None, cfg.skip_corrupt)
     tr = VOCSegmentation(root, "train", transform, cfg.skip_corrupt) if train else None
     return ImageData(kind, tr, val, val.num_classes, 3, size, mean, std, False, val.classes)
-
-
-def build_segmentation_data(cfg: TrainConfig, dist: DistInfo, train: bool = True,
-                            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
-    """:func:`openaff.training.data.build_data` for a segmentation model: masks as targets, joint augmentation."""
-    import os
-
-    from ..training.data import DataBundle
-
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
-    kind, root = resolve_source(cfg.data, cfg.data_dir)
-    data = load_segmentation_data(cfg, train)
-    mean = tuple(mean) if mean is not None else data.mean
-    std = tuple(std) if std is not None else data.std
-    if len(mean) != data.in_chans or len(std) != data.in_chans:
-        raise DataError(f"normalisation mean {mean} / std {std} has {len(mean)}/{len(std)} values but the images of "
-                        f"{cfg.data_dir or cfg.data} have {data.in_chans} channel(s)")
-    data = replace(data, mean=mean, std=std)
-    data.val = data.val.subset(cfg.limit_val, "limit_val")
-    per_rank = cfg.batch_size // dist.world_size
-    sampler = None
-    if train:
-        data.train = data.train.subset(cfg.limit_train, "limit_train")
-        if len(data.train) < cfg.batch_size:
-            raise DataError(f"the training split holds {len(data.train)} images, fewer than one batch "
-                            f"({cfg.batch_size}); lower --batch-size")
-        sampler = TrainSampler(len(data.train), per_rank, dist.rank, dist.world_size, cfg.seed)
-    pin = dist.device.type == "cuda"
-    workers = cfg.workers
-    if workers is None:
-        procs_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        workers = 0 if data.in_memory else max(1, min(8, (os.cpu_count() or 1) // procs_here))
-    on_device = data.in_memory and cfg.aug in ("crop-flip", "scale-crop-flip")  # VOC: the workers move both
-    train_pipe = SegmentationPipeline(dist.device, mean, std, cfg.channels_last,
-                                      crop_padding=cfg.crop_padding if on_device and cfg.aug == "crop-flip" else 0,
-                                      hflip=cfg.hflip if on_device else 0.0, lighting=cfg.pca_lighting,
-                                      seed=cfg.seed, scale=SCALE_RANGE if on_device and cfg.aug == "scale-crop-flip"
-                                      else None)
-    eval_pipe = SegmentationPipeline(dist.device, mean, std, cfg.channels_last)
-    val_loader = make_loader(data.val, EvalSampler(len(data.val), 2 * per_rank, dist.rank, dist.world_size),
-                             workers, pin, collate_fn=seg_collate)
-    return DataBundle(kind, data.num_classes, data.in_chans, data, sampler, train_pipe, eval_pipe, val_loader,
-                      workers, pin, str(root.resolve()), collate=seg_collate, task="segment")

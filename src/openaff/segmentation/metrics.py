@@ -88,7 +88,7 @@ def class_iou_table(class_iou: Sequence[float], names: Sequence[str]) -> str:
 
 def write_class_iou_csv(history: Sequence[dict], names: Sequence[str], path: str | Path) -> None:
     """``class_iou.csv``: one row per epoch, one column per class (empty: absent class)."""
-    from ..training.checkpoint import atomic_write
+    from ..files import atomic_write
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..training.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .data import VOC_CLASSES, voc_palette
 from .metrics import IGNORE_INDEX, confusion_matrix, scores
 

@@ -34,9 +34,17 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, DataError
+from ..files import atomic_write
+from ..hub import load_pretrained
 from ..stats import paired_contrast
-from ..training.errors import ConfigError, DataError
+from ..training.datasets import FASHION_MNIST_DIR
+from ..training.distributed import DistInfo
+from ..training.loader import EvalSampler, make_loader
+from ..training.scenes import FashionMNISTScenes
+from .data import SceneMasks, SegmentationPipeline, seg_collate
 from .object_scores import size_columns
+from .task import SEGMENT
 
 __all__ = ["MEASURES", "paired_contrast", "rescore", "score_run"]
 
@@ -61,18 +69,10 @@ def score_run(folder: str | Path, *, split: str = "test", limit: int | None = No
 
     Returns:
         ``miou``, ``pixel_acc``, ``mean_acc``, ``fg_iou``, ``item_acc``, ``scene_acc`` (%), ``by_size`` and
-        ``images`` (as :func:`openaff.training.engine.evaluate`), ``architecture``, ``fusion``, ``epoch`` (the
-        saved weights') and ``miou_recorded`` (the saved epoch's mIoU in ``metrics.csv``, None without it).
+        ``images`` (as :meth:`openaff.segmentation.task.SegmentationTask.evaluate`), ``architecture``,
+        ``fusion``, ``epoch`` (the saved weights') and ``miou_recorded`` (the saved epoch's mIoU in
+        ``metrics.csv``, None without it).
     """
-    from ..hub import load_pretrained
-    from ..training.datasets import FASHION_MNIST_DIR
-    from ..training.distributed import DistInfo
-    from ..training.engine import evaluate
-    from ..training.loader import EvalSampler, make_loader
-    from ..training.scenes import FashionMNISTScenes
-    from . import fpn  # noqa: F401  (registers the segmenters)
-    from .data import SceneMasks, SegmentationPipeline, seg_collate
-
     folder = Path(folder)
     net, info = load_pretrained(folder)
     if not getattr(net, "is_segmenter", False):
@@ -88,8 +88,8 @@ def score_run(folder: str | Path, *, split: str = "test", limit: int | None = No
     dev = torch.device("cpu")
     loader = make_loader(scenes, EvalSampler(len(scenes), batch_size), 0, False, collate_fn=seg_collate)
     pipe = SegmentationPipeline(dev, info["mean"], info["std"])
-    res = evaluate(net.to(dev), loader, pipe, DistInfo(device=dev), amp=amp, progress=False, task="segment",
-                   num_classes=net.num_classes)
+    res = SEGMENT.evaluate(net.to(dev), loader, pipe, DistInfo(device=dev), amp=amp, progress=False,
+                           num_classes=net.num_classes)
     epoch = meta.get("epoch")
     rows = _metrics_rows(folder)
     miou_recorded = next((r["val_miou"] for r in rows if r.get("epoch") == epoch and "val_miou" in r), None)
@@ -163,7 +163,6 @@ def rescore(study: str | Path, output: str | Path | None = None, *, split: str =
                   machine=_machine(), threads=torch.get_num_threads())
     out = Path(output) if output is not None else study
     out.mkdir(parents=True, exist_ok=True)
-    from ..training.checkpoint import atomic_write
 
     atomic_write(out / "rescore.json", lambda f: f.write((json.dumps(result, indent=1, default=_jsonable) + "\n")
                                                          .encode()))

@@ -11,12 +11,12 @@
 
 Modules: ``config`` (recipes, flags), ``datasets`` (readers), ``data`` (transforms, loaders for a
 config), ``loader`` (samplers, on-device batch pipeline), ``engine`` (the loops), ``checkpoint``
-(atomic files, resume state), ``distributed`` (torchrun, SyncBN), ``metrics`` (CSV, plot),
-``errors``.
+(resume state), ``distributed`` (torchrun, SyncBN), ``metrics`` (CSV, plot). The errors are
+:mod:`openaff.errors`' (re-exported here), atomic files and weight files :mod:`openaff.files`'.
 """
 
+from ..errors import CheckpointError, ConfigError, CorruptImageError, DataError, NonFiniteLossError, OpenAFFError
 from .config import TrainConfig, load_recipe, make_config, recipe_names
-from .errors import CheckpointError, ConfigError, CorruptImageError, DataError, NonFiniteLossError, OpenAFFError
 
 __all__ = ["CheckpointError", "ConfigError", "CorruptImageError", "DataError", "NonFiniteLossError", "OpenAFFError",
            "TrainConfig", "load_recipe", "make_config", "recipe_names"]

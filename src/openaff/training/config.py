@@ -31,7 +31,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .schedules import SCHEDULES
+from .tasks import task_for_model
 
 __all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_recipe", "make_config", "parse_kv",
            "recipe_names", "to_yaml"]
@@ -61,8 +63,6 @@ def _close(word: str, names: list[str]) -> str:
 def _check_model(name: str) -> str | None:
     import timm
 
-    from ..segmentation import fpn  # noqa: F401  (registers the segmenters with timm)
-
     # hf-hub:..., local-dir:... are resolved by timm.create_model itself.
     if ":" in name or timm.is_model(name):
         return None
@@ -87,9 +87,7 @@ def _check_opt(opt: str) -> str | None:
 
 
 def _check_sched(sched: str) -> str | None:
-    from .factory import SCHEDULES  # timm's names the trainer can step per update (not plateau, none)
-
-    if sched in SCHEDULES:
+    if sched in SCHEDULES:  # timm's names the trainer can step per update (not plateau, none)
         return None
     why = "; plateau steps once per epoch on a metric, the trainer per update" if sched == "plateau" else \
         "; for a fixed learning rate use constant" if sched == "none" else _close(sched, list(SCHEDULES))
@@ -219,13 +217,12 @@ class TrainConfig:
 
     @property
     def task(self) -> str:
-        """``segment`` for a segmentation model (:mod:`openaff.segmentation`), else ``classify``.
+        """The name of the model's task (:func:`openaff.training.tasks.task_for_model`): ``segment`` for a
+        segmentation model (:mod:`openaff.segmentation`), else ``classify``.
 
         The model decides (a segmenter cannot classify), so it is not a setting of its own.
         """
-        from ..segmentation.fpn import is_segmenter
-
-        return "segment" if is_segmenter(self.model) else "classify"
+        return task_for_model(self.model).name
 
 
 # --- the type and range table -------------------------------------------------------------------

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from .errors import ConfigError, CorruptImageError, DataError
+from ..errors import ConfigError, CorruptImageError, DataError
 
 __all__ = ["DATASET_STATS", "DATA_KINDS", "FASHION_MNIST_DIR", "SCENES_CANVAS", "ImageData", "InMemoryImages",
            "SafeImageFolder", "check_limit", "detect_kind", "load_cifar", "load_data", "load_fashion_mnist", "read_idx"]

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers.mscam import _ContextBatchNorm
 from ..layers.sync_batchnorm import convert_sync_batchnorm as convert_context_sync_batchnorm
 from ..layers.sync_batchnorm import synchronised_batch_norm
-from .errors import ConfigError
 
 __all__ = ["CpuSyncBatchNorm", "DistInfo", "all_reduce_sum", "cleanup", "convert_sync_batchnorm", "setup"]
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import NonFiniteLossError
 from .distributed import DistInfo, all_reduce_sum
-from .errors import NonFiniteLossError
 from .loader import BatchPipeline
 from .scenes import side_bins
 
@@ -148,22 +148,15 @@ def train_one_epoch(state: TrainState, loader, pipeline: BatchPipeline, loss_fn:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str = "none",
-             progress: bool = True, desc: str = "eval", task: str = "classify", num_classes: int | None = None) -> dict:
-    """Loss, top-1 and top-5 accuracy (%) over the whole loader, summed over all ranks.
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Loss, top-1 and top-5 accuracy (%) of a classifier over the whole loader, summed over all ranks.
 
-    With ``task="segment"`` the loss is the mean cross-entropy per labelled pixel and the scores come
-    from the pixel confusion matrix, summed over all ranks (:mod:`openaff.segmentation.metrics`).
+    Other tasks evaluate with their own :meth:`openaff.training.tasks.Task.evaluate`.
 
     Returns:
-        ``val_loss``, ``val_top1``, ``val_top5``, ``images`` and ``skipped``; segmentation:
-        ``val_loss``, ``val_miou``, ``val_pixel_acc``, ``val_mean_acc``, ``val_fg_iou``, ``val_item_acc``,
-        ``val_scene_acc`` (%, :mod:`openaff.segmentation.object_scores`), ``by_size`` (per item-side bin, where
-        the data set knows the sides), ``class_iou`` (a list), ``confusion`` (``num_classes x num_classes``
-        int64), ``images`` and ``skipped``.
+        ``val_loss``, ``val_top1``, ``val_top5``, ``images``, ``skipped`` and, where the data set knows its
+        items' sides, ``by_size``.
     """
-    if task == "segment":
-        return _evaluate_segmentation(model, loader, pipeline, dist, amp=amp, progress=progress, desc=desc,
-                                      num_classes=num_classes)
     model.eval()
     dev = dist.device
     sums = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, top-1, top-5, images, skipped
@@ -217,45 +210,3 @@ class _SideTally:
         all_reduce_sum(self.counts)
         return [dict(sides=bin_, images=int(n), top1=100 * c / n if n else float("nan"))
                 for bin_, (c, n) in zip(self.bins, self.counts.tolist(), strict=True)]
-
-
-def _evaluate_segmentation(model: nn.Module, loader, pipeline: BatchPipeline, dist: DistInfo, *, amp: str,
-                           progress: bool, desc: str, num_classes: int | None) -> dict:
-    from ..segmentation.metrics import IGNORE_INDEX, confusion_matrix, scores
-    from ..segmentation.object_scores import ItemTally, foreground_scores
-
-    model.eval()
-    dev = dist.device
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, labelled pixels, images, skipped
-    cm = None
-    items = ItemTally(loader, dev)  # per-scene counts: scene accuracy, and by item size where the data knows it
-    for images, masks, skipped in tqdm(loader, desc=desc, disable=not (progress and dist.is_main),
-                                       dynamic_ncols=True, mininterval=1.0, leave=False):
-        sums[3] += skipped
-        if len(masks) == 0:
-            continue
-        x, y = pipeline.batch(images, masks)
-        with autocast(dev, amp):
-            out = model(x)
-        out = out.float()
-        k = num_classes or out.shape[1]
-        if cm is None:
-            cm = torch.zeros(k, k, dtype=torch.int64, device=dev)
-        sums[0] += F.cross_entropy(out, y, ignore_index=IGNORE_INDEX, reduction="sum").double()
-        sums[1] += (y != IGNORE_INDEX).sum()
-        sums[2] += len(y)
-        pred = out.argmax(1)
-        cm += confusion_matrix(pred, y, k)
-        items.add(pred, y, k)
-    if cm is None:  # a rank without validation images still joins the sums
-        k = num_classes or 1
-        cm = torch.zeros(k, k, dtype=torch.int64, device=dev)
-    all_reduce_sum(sums)
-    all_reduce_sum(cm)
-    for t in items.tensors():
-        all_reduce_sum(t)
-    s, fg, per_scene = scores(cm.cpu()), foreground_scores(cm.cpu()), items.results()
-    return dict(val_loss=sums[0].item() / max(sums[1].item(), 1), val_miou=s["miou"], val_pixel_acc=s["pixel_acc"],
-                val_mean_acc=s["mean_acc"], val_fg_iou=fg["fg_iou"], val_item_acc=fg["item_acc"],
-                val_scene_acc=per_scene["scene_acc"], by_size=per_scene["by_size"], class_iou=s["class_iou"],
-                confusion=cm.cpu(), images=int(sums[2].item()), skipped=int(sums[3].item()))

@@ -36,14 +36,14 @@ import timm
 import torch
 
 from ..cpu_memory import apply_cpu_alloc
+from ..errors import CheckpointError, ConfigError, DataError, run_command
+from ..files import atomic_write, load_weights
 from . import distributed
-from .checkpoint import atomic_write, load_weights
 from .config import make_config, parse_kv
 from .data import build_data
 from .datasets import DATA_KINDS, DATASET_STATS, SCENES_CANVAS, check_limit, resolve_source
-from .engine import evaluate as evaluate_loop
-from .errors import CheckpointError, ConfigError, DataError, run_command
 from .factory import create_model
+from .tasks import get_task
 
 __all__ = ["add_parser", "evaluate"]
 
@@ -224,8 +224,6 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
         ``class_iou`` (class name -> IoU %, NaN for a class absent from targets and predictions) and
         ``confusion`` (rows: true class, columns: predicted).
     """
-    from ..segmentation import fpn  # noqa: F401  (registers the segmenters: their weights evaluate here too)
-
     check_limit(limit, "limit")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive number, got {threads!r}")
@@ -341,18 +339,15 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
         else:
             for note in notes:
                 warnings.warn(note, stacklevel=2)
-        res = evaluate_loop(net, bundle.val_loader, bundle.eval_pipeline, dist, amp=amp, progress=progress,
-                            task=bundle.task, num_classes=bundle.num_classes)
+        task = get_task(bundle.task)
+        res = task.evaluate(net, bundle.val_loader, bundle.eval_pipeline, dist, amp=amp, progress=progress,
+                            num_classes=bundle.num_classes)
     finally:
         distributed.cleanup()
     out = dict(model=name, weights=str(rec.source), data=bundle.kind, data_dir=str(root), task=bundle.task,
-               top1=res.get("val_top1"), top5=res.get("val_top5"), loss=res["val_loss"], images=res["images"],
-               skipped=res["skipped"], img_size=eval_size, mean=list(mean), std=list(std), notes=notes)
-    if bundle.task == "segment":
-        out.update(miou=res["val_miou"], pixel_acc=res["val_pixel_acc"], mean_acc=res["val_mean_acc"],
-                   fg_iou=res["val_fg_iou"], item_acc=res["val_item_acc"], scene_acc=res["val_scene_acc"],
-                   by_size=res["by_size"], class_iou=dict(zip(bundle.data.classes, res["class_iou"], strict=True)),
-                   confusion=res["confusion"].tolist())
+               top1=None, top5=None, loss=res["val_loss"], images=res["images"], skipped=res["skipped"],
+               img_size=eval_size, mean=list(mean), std=list(std), notes=notes)
+    out.update(task.eval_fields(res, bundle.data.classes))
     return out
 
 
@@ -407,23 +402,8 @@ def _run(args: argparse.Namespace) -> int:
                    cifar100_labels=args.cifar100_labels, limit=args.limit, skip_corrupt=args.skip_corrupt,
                    threads=args.threads, cpu_alloc=args.cpu_alloc, progress=args.progress, log=log)
     skipped = f", {res['skipped']} unreadable images skipped" if res["skipped"] else ""
-    if res["task"] == "segment":
-        from ..segmentation.metrics import class_iou_table
-
-        print(class_iou_table(list(res["class_iou"].values()), list(res["class_iou"])))
-        print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): mIoU {res['miou']:.2f} %, "
-              f"pixel accuracy {res['pixel_acc']:.2f} %, mean class accuracy {res['mean_acc']:.2f} %, "
-              f"loss {res['loss']:.4f}")
-        from ..segmentation.object_scores import size_table
-
-        if res["by_size"]:
-            print(f"by item side:\n{size_table(res['by_size'])}")
-        print(f"finding apart from naming the items: foreground IoU {res['fg_iou']:.2f} %, item-class accuracy "
-              f"{res['item_acc']:.2f} % (of the item pixels found), scene accuracy {res['scene_acc']:.2f} % "
-              "(majority class of each scene's predicted item pixels)")
-    else:
-        print(f"{res['model']} on {res['data']} ({res['images']} images{skipped}): top-1 {res['top1']:.2f} %, "
-              f"top-5 {res['top5']:.2f} %, loss {res['loss']:.4f}")
+    for line in get_task(res["task"]).eval_lines(res, skipped):
+        print(line)
     if args.json:
         text = json.dumps(res, indent=1) + "\n"
         try:

@@ -9,7 +9,7 @@ import csv
 import io
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from ..files import atomic_write
 
 __all__ = ["COLUMNS", "SEGMENT_COLUMNS", "plot_curves", "write_csv"]
 

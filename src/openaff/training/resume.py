@@ -21,11 +21,11 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, make_config
 from .distributed import DistInfo, all_reduce_sum
 from .engine import TrainState
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUMABLE", "Checkpointer", "check_finite", "load_resume_checkpoint",
            "non_finite", "restore", "resume_config"]

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError
 from .datasets import FASHION_MNIST_DIR, InMemoryImages, SeededTransform, check_limit, load_fashion_mnist
-from .errors import ConfigError, DataError
 
 __all__ = ["FASHION_MNIST_CLASSES", "FashionMNISTScenes", "boxes_from_masks", "save_sample_grid", "side_bins"]
 

@@ -48,17 +48,17 @@ from tqdm import tqdm
 
 from .. import hub
 from ..cpu_memory import apply_cpu_alloc
+from ..errors import ConfigError, NonFiniteLossError, run_command
+from ..files import atomic_write, load_weights
 from ..model_card import CARD_NAME, write_run_card
 from . import distributed
-from .checkpoint import atomic_write, load_weights
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
 from .data import DataBundle, build_data
 from .datasets import HOLDOUT_SEED
-from .engine import TrainState, evaluate, train_one_epoch
-from .errors import ConfigError, NonFiniteLossError, run_command
+from .engine import TrainState, train_one_epoch
 from .factory import build_training
-from .metrics import COLUMNS, SEGMENT_COLUMNS, plot_curves, write_csv
 from .resume import Checkpointer, check_finite, load_resume_checkpoint, restore, resume_config
+from .tasks import get_task
 
 __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_folder", "train"]
 
@@ -271,7 +271,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
     out = Path(cfg.output)
     say = tqdm.write if dist.is_main else (lambda *a, **k: None)
     data = build_data(cfg, dist)
-    seg = data.task == "segment"
+    task = get_task(data.task)
     state, criterion = build_training(cfg, data, dist)
     seed = cfg.seed + 1000 * dist.rank  # dropout, drop-path, mixup: different on every rank
     torch.manual_seed(seed)
@@ -316,24 +316,17 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
         if dist.is_main:
             _write_metrics(state.history, out, f"{cfg.model} on {data.kind}", data)
             if state.best_epoch >= 0:  # the model card of the best weights so far, with the run's numbers
-                write_run_card(out, cfg, data, state.history, state.best_epoch, dist.world_size)
+                write_run_card(out, cfg, data, state.history, state.best_epoch, dist.world_size, task=task)
             skipped = f", {row['skipped']} unreadable images skipped" if "skipped" in row else ""
-            scores = (f"mIoU {row['val_miou']:.2f} %, pixel acc {row['val_pixel_acc']:.2f} %, foreground IoU "
-                      f"{row['val_fg_iou']:.2f} %, scene acc {row['val_scene_acc']:.2f} %" if seg else
-                      f"top-1 {row['val_top1']:.2f} %, top-5 {row['val_top5']:.2f} %")
             say(f"epoch {row['epoch'] + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss "
-                f"{row['val_loss']:.4f}, {scores}, {row['img_per_s']:.0f} img/s, {row['seconds']:.0f} s{skipped}")
-    metric = "val_miou" if seg else "val_top1"
+                f"{row['val_loss']:.4f}, {task.epoch_summary(row)}, {row['img_per_s']:.0f} img/s, "
+                f"{row['seconds']:.0f} s{skipped}")
+    metric = task.metric
     result = TrainResult(out, state.history, state.best_top1, state.best_epoch, metric)
     test = _score_test(cfg, state, data, dist) if state.history else None
     if dist.is_main and state.history:
-        name = "mIoU" if seg else "top-1"
-        table = ""
-        if seg:
-            from ..segmentation.metrics import class_iou_table
-
-            table = (f"per-class IoU after the last epoch (also {out / 'class_iou.csv'}):\n"
-                     + class_iou_table(result.final["class_iou"], data.data.classes) + "\n")
+        name = task.metric_label
+        table = task.final_table(result.final, data.data.classes, out)
         say(f"{table}done in {time.perf_counter() - t_start:.0f} s: final {name} {result.final[metric]:.2f} % "
             f"(best {state.best_top1:.2f} % after epoch {state.best_epoch + 1})\n"
             f"  metrics: {out / 'metrics.csv'}\n  plot:    {out / 'curves.png'}\n"
@@ -341,7 +334,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, ckpt: dict | None, save
             f"  resume:  {out / 'last.pt'}, config: {out / 'config.yaml'}\n"
             f"  load with: {hub.load_line(out)}")
         if test is not None:
-            key = "test_miou" if seg else "test_top1"
+            key = metric.replace("val_", "test_", 1)
             say(f"test split ({test['images']} images, scored once): {name} {test['selected'][key]:.2f} % with the "
                 f"weights of epoch {test['selected_epoch'] + 1} (chosen on {test['selected_on']}), "
                 f"{test['final'][key]:.2f} % with the final weights; {out / TEST_FILE}")
@@ -360,17 +353,17 @@ def _score_test(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dis
         tdist.barrier()  # rank 0 wrote the selected weights
     selected = copy.deepcopy(state.model)
     selected.load_state_dict(load_weights(Path(cfg.output) / hub.WEIGHTS_NAME)[0])
-    task = dict(task=data.task, num_classes=data.num_classes)
+    task = get_task(data.task)
     scores = {}
     for which, model in (("selected", selected), ("final", state.model)):
-        res = evaluate(model, data.test_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress,
-                       desc=f"test ({which})", **task)
+        res = task.evaluate(model, data.test_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress,
+                            desc=f"test ({which})", num_classes=data.num_classes)
         scores[which] = {k.replace("val_", "test_", 1): v for k, v in res.items()
                          if k not in ("confusion", "images", "skipped")}
         images = res["images"]
     held = data.data.holdout
     report = dict(selected_epoch=state.best_epoch, final_epoch=len(state.history) - 1,
-                  selected_on=f"val_{'miou' if data.task == 'segment' else 'top1'} of {data.val_size} training "
+                  selected_on=f"{task.metric} of {data.val_size} training "
                               f"images held out (--holdout {held}, permutation seed {HOLDOUT_SEED})",
                   images=images, **scores)
     if dist.is_main:
@@ -379,17 +372,8 @@ def _score_test(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dis
 
 
 def _write_metrics(history: list[dict], out: Path, title: str, data: DataBundle) -> None:
-    """metrics.csv and curves.png (and, for segmentation, class_iou.csv), rewritten after every epoch."""
-    if data.task != "segment":
-        write_csv(history, out / "metrics.csv", COLUMNS)
-        plot_curves(history, out / "curves.png", title=title)
-        return
-    from ..segmentation.metrics import write_class_iou_csv
-
-    write_csv(history, out / "metrics.csv", SEGMENT_COLUMNS)
-    write_class_iou_csv(history, data.data.classes, out / "class_iou.csv")
-    plot_curves(history, out / "curves.png", title=title, scores=(("val_miou", "mIoU"), ("val_pixel_acc",
-                "pixel accuracy")), score_title="validation segmentation")
+    """metrics.csv and curves.png (and the task's own files, e.g. class_iou.csv), rewritten after every epoch."""
+    get_task(data.task).write_metrics(history, out, title, data.data.classes)
 
 
 def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: distributed.DistInfo, stats: dict,
@@ -397,26 +381,20 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
     """Evaluate (and the EMA), append the metrics row, keep the best weights, advance to the next epoch."""
     if dist.distributed and not cfg.sync_bn:
         distribute_bn(state.model, dist.world_size, reduce=False)  # evaluate and save rank 0's BN statistics
-    task = dict(task=data.task, num_classes=data.num_classes)
-    val = evaluate(state.model, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp, progress=cfg.progress, **task)
+    task = get_task(data.task)
+    kw = dict(amp=cfg.amp, progress=cfg.progress, num_classes=data.num_classes)
+    val = task.evaluate(state.model, data.val_loader, data.eval_pipeline, dist, **kw)
     # Checked before anything is kept: diverged weights or BN statistics (the training loss can stay finite
     # while a running_var overflows), and a NaN validation loss, which must never count as a best epoch.
     check_finite(state, dist, f"at the end of epoch {state.epoch}")
     _check_val_loss(val, state.epoch, "")
-    metric = "val_miou" if data.task == "segment" else "val_top1"
-    scores = (("val_miou", "val_pixel_acc", "val_mean_acc", "val_fg_iou", "val_item_acc", "val_scene_acc")
-              if data.task == "segment" else ("val_top1", "val_top5"))
+    metric = task.metric
     row = dict(epoch=state.epoch, lr_mean=stats["lr_mean"], train_loss=stats["train_loss"],
-               val_loss=val["val_loss"], **{k: val[k] for k in scores}, img_per_s=stats["img_per_s"], seconds=0.0)
-    if data.task == "segment":
-        row["class_iou"] = val["class_iou"]  # class_iou.csv; not a column of metrics.csv
-        from ..segmentation.object_scores import size_columns
-
-        row.update(size_columns(val["by_size"]))  # the scores by item size, where the data set knows the sides
+               val_loss=val["val_loss"], **{k: val[k] for k in task.scores}, img_per_s=stats["img_per_s"],
+               seconds=0.0, **task.row(val))
     score, best_model = val[metric], state.model
     if state.ema is not None:  # then the EMA weights are the ones kept
-        ema_val = evaluate(state.ema.module, data.val_loader, data.eval_pipeline, dist, amp=cfg.amp,
-                           progress=cfg.progress, desc="eval EMA", **task)
+        ema_val = task.evaluate(state.ema.module, data.val_loader, data.eval_pipeline, dist, desc="eval EMA", **kw)
         _check_val_loss(ema_val, state.epoch, "EMA ")
         row.update({f"ema_{k}": v for k, v in ema_val.items() if k.startswith("val_")})
         score, best_model = ema_val[metric], state.ema.module
@@ -428,9 +406,7 @@ def _end_epoch(cfg: TrainConfig, state: TrainState, data: DataBundle, dist: dist
         state.best_top1, state.best_epoch = score, state.epoch
         if dist.is_main:
             meta = dict(epoch=state.epoch, **{metric: score}, data=data.kind, data_dir=data.root,
-                        ema=state.ema is not None)
-            if data.task == "segment":
-                meta["task"] = "segment"
+                        ema=state.ema is not None, **task.weights_meta())
             _save_best(cfg, data, best_model, meta)
     state.epoch, state.step, state.loss_sum, state.seen, state.skipped = state.epoch + 1, 0, 0.0, 0, 0
     state.lr_sum, state.updates = 0.0, 0
