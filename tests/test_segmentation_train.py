@@ -14,7 +14,7 @@ import timm
 import torch
 import yaml
 from _seg_utils import write_voc
-from _train_utils import env, openaff, sigkill_at_step, write_fashion_mnist
+from _train_utils import ONE_STEP_BOUND, ddp_vs_single, env, openaff, sigkill_at_step, write_fashion_mnist
 
 from openaff import load_pretrained
 from openaff.cli import main
@@ -104,39 +104,13 @@ def test_sigkill_and_resume_is_bit_identical(fmnist: Path, tmp_path: Path) -> No
     assert (tmp_path / "full" / "class_iou.csv").read_text() == (run / "class_iou.csv").read_text()
 
 
-def _ddp_and_single(args: list[str], tmp_path: Path, init_kwargs: dict) -> float:
-    """Train ``args`` in one process and in 2 gloo processes; |w_ddp - w_single| / |w_single - w_init|."""
-    single = openaff("train", *args, "--output", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "openaff", "train", *args, "--output", str(tmp_path / "ddp")], env=env(),
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    torch.manual_seed(0)
-    init = timm.create_model(**init_kwargs).state_dict()
-    a = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
-    keys = [k for k, v in init.items() if v.is_floating_point() and "running" not in k]
-    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm()
-    update = torch.cat([(a[k] - init[k]).flatten() for k in keys]).norm()
-    return float(diff / update)
-
-
-# One step, so that the bound is one of float rounding. The two runs differ only in rounding (the
-# all-reduce's order, SyncBN's statistics summed per process): 4e-6 of the update after one step on
-# the 2-core AMD EPYC VM. Each further step of these tiny segmenters multiplies any such
-# difference by ~100, measured: a 1e-7 relative perturbation of one process's initial weights ends
-# 4.6e-4 / 3.7e-3 away after 2 / 4 steps, as the 2-process run does (4.3e-4 / 6.2e-3), so a multi-step
-# bound would measure the model's sensitivity, not DDP (issue 23: 7.6e-3 after 4 steps on AMD failed
-# a 2e-3 bound). A real difference (a wrong batch, statistics or loss average) is >= 1e-2 at step one.
-ONE_STEP_BOUND = 1e-4
 
 
 def test_ddp_two_processes_match_one(fmnist: Path, tmp_path: Path) -> None:
     """torchrun, 2 gloo processes with SyncBN == 1 process with the same global batch; validation summed exactly."""
     args = [*TINY, "--data-dir", str(fmnist), "--limit-train", "16", "--limit-val", "24", "--batch-size", "16",
             "--epochs", "1", "--aug", "none", "--sync-bn", "--lr", "0.02"]
-    rel = _ddp_and_single(args, tmp_path, dict(model_name="aff_fpn_cifar_resnet8", num_classes=11,
+    rel = ddp_vs_single(args, tmp_path, dict(model_name="aff_fpn_cifar_resnet8", num_classes=11,
                                                      in_chans=1, width_mult=0.25))
     assert rel < ONE_STEP_BOUND
     ra, rb = _rows(tmp_path / "single")[0], _rows(tmp_path / "ddp")[0]
@@ -163,7 +137,7 @@ def test_ddp_loss_is_the_global_pixel_mean_when_processes_hold_different_labelle
     args = ["--model", "fpn_cifar_resnet8", "--model-kwargs", "width_mult=0.25", "--data", "voc", "--data-dir",
             str(root), "--img-size", "32", "--threads", "1", "--workers", "0", "--no-progress", "--amp", "none",
             "--batch-size", "16", "--epochs", "1", "--aug", "none", "--sync-bn", "--lr", "0.05"]
-    rel = _ddp_and_single(args, tmp_path, dict(model_name="fpn_cifar_resnet8", num_classes=3, in_chans=3,
+    rel = ddp_vs_single(args, tmp_path, dict(model_name="fpn_cifar_resnet8", num_classes=3, in_chans=3,
                                                      width_mult=0.25))
     assert rel < ONE_STEP_BOUND
 
