@@ -166,3 +166,15 @@ def ddp_vs_single(args: list[str], tmp_path: Path, init_kwargs: dict, output: bo
 # bound would measure the model's sensitivity, not DDP (issue 23: 7.6e-3 after 4 steps on AMD failed
 # a 2e-3 bound). A real difference (a wrong batch, statistics or loss average) is >= 1e-2 at step one.
 ONE_STEP_BOUND = 1e-4
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001  (pytest's capsys)
+    """``openaff ARGV`` in this process: (exit status, stdout, stderr)."""
+    from openaff.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse's own exits
+        rc = exit_.code
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _train_utils import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timm.optim import list_optimizers
 
 import openaff
-from openaff.cli import main
 from openaff.training import ConfigError, TrainConfig, make_config
 from openaff.training.config import to_yaml
 
@@ -230,14 +230,6 @@ def valid_value(rule: Rule) -> st.SearchStrategy:
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``openaff ARGV`` in this process: (exit status, stdout, stderr)."""
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:  # argparse's own exits
-        rc = exit_.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_line_error(rc: int, out: str, err: str, prefix: str) -> None:

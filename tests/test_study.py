@@ -17,11 +17,10 @@ import pytest
 import timm
 import torch
 import yaml
-from _train_utils import env, write_cifar, write_fashion_mnist
+from _train_utils import env, run_cli, write_cifar, write_fashion_mnist
 
 import openaff.study as study
 import openaff.training.train as train_mod
-from openaff.cli import main
 from openaff.layers import fusion_names
 from openaff.study import StudyError, paper_number, run_study, summarize
 
@@ -53,13 +52,6 @@ def metrics(folder: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as exit_:  # argparse's own exits
-        rc = exit_.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_table_is_mean_and_std_over_the_runs_metrics(grid):

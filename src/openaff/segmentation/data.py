@@ -30,7 +30,6 @@ Validation images are used whole; a VOC batch of different sizes is padded to th
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,9 +39,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, CorruptImageError, DataError
+from ..errors import ConfigError, DataError
 from ..training.config import TrainConfig
-from ..training.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, resolve_source
+from ..training.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, read_rgb, resolve_source
 from ..training.loader import BatchPipeline, _key
 from ..training.scenes import FashionMNISTScenes
 from .metrics import IGNORE_INDEX
@@ -223,15 +222,9 @@ class VOCSegmentation(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         name = self.ids[index]
         path = self.root / "JPEGImages" / f"{name}.jpg"
-        try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
-            if self.skip_corrupt:
-                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=1)
-                return None
-            raise CorruptImageError(f"cannot read image {path}: {err} (use --skip-corrupt to skip such files)") \
-                from None
+        img = read_rgb(path, self.skip_corrupt)
+        if img is None:
+            return None
         mask = read_mask(self.root / "SegmentationClass" / f"{name}.png", self.num_classes, img.size, path)
         image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
         mask_t = torch.from_numpy(mask.copy())

@@ -308,6 +308,19 @@ def _check_batch(batch: object, key: bytes, where: object) -> tuple[np.ndarray, 
     return images, labels
 
 
+def read_rgb(path: str | Path, skip_corrupt: bool = False) -> Image.Image | None:
+    """The image at ``path`` as RGB; an unreadable file is a :class:`CorruptImageError` naming it, or, with
+    ``skip_corrupt``, a warning and None (the loader's collate drops it and counts it)."""
+    try:
+        with Image.open(path) as f:
+            return f.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+        if skip_corrupt:
+            warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+            return None
+        raise CorruptImageError(f"cannot read image {path}: {err} (use --skip-corrupt to skip such files)") from None
+
+
 class SafeImageFolder(ImageFolder):
     """torchvision's ImageFolder whose decoding errors name the file.
 
@@ -325,16 +338,9 @@ class SafeImageFolder(ImageFolder):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
-            if self.skip_corrupt:
-                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=1)
-                return None
-            raise CorruptImageError(f"cannot read image {path}: {err} (use --skip-corrupt to skip such files)") \
-                from None
+        img = read_rgb(path, self.skip_corrupt)
+        if img is None:
+            return None
         t = self.seeded_transform
         img = t(img, index) if isinstance(t, SeededTransform) else t(img)
         return img, target
