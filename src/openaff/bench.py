@@ -37,7 +37,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 import types
@@ -51,6 +50,7 @@ from torch import nn
 
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
 from .errors import ConfigError, OpenAFFError, run_command
+from .files import atomic_write, check_output_file
 
 __all__ = ["BenchResult", "add_parser", "check_args", "main", "markdown_table", "run_bench"]
 
@@ -427,28 +427,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{spec}: +fold is for --mode infer (a folded model has no BatchNorm to train)")
 
 
-def _check_writable(path: Path, flag: str) -> None:
-    """Refuse now, not after the benchmark, an output ``path`` that cannot be written."""
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'bench.json'}")
-    try:
-        if path.exists():
-            open(path, "a").close()  # opens for writing without changing it
-            return
-        parent = path.parent
-        while not parent.exists():  # the folders --json creates; the first that exists must take them
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ConfigError(f"cannot write {flag} {path}: {parent} is not a folder")
-        try:
-            tempfile.TemporaryFile(dir=parent).close()
-        except OSError as err:
-            raise ConfigError(f"cannot write {flag} {path}: cannot create files in {parent} "
-                              f"({err.strerror or err})") from None
-    except OSError as err:
-        raise ConfigError(f"cannot write {flag} {path}: {err.strerror or err}") from None
-
-
 def run_bench(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``openaff bench`` arguments; returns the JSON document.
 
@@ -739,7 +717,7 @@ def _run(args: argparse.Namespace) -> int:
     md_path = args.markdown or (args.json.with_suffix(".md") if args.json else None)
     for flag, path in (("--json", args.json), ("--markdown", md_path)):
         if path is not None:
-            _check_writable(path, flag)
+            check_output_file(path, flag, example="bench.json", make_parents=True)
     doc = run_bench(args)
     print(doc["markdown"])
     for path, text in ((args.json, json.dumps(doc, indent=1) + "\n"), (md_path, doc["markdown"])):
@@ -747,7 +725,7 @@ def _run(args: argparse.Namespace) -> int:
             continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            atomic_write(path, lambda f, text=text: f.write(text.encode()))
         except OSError as err:  # checked before the run; the place changed meanwhile (the table is printed above)
             raise OpenAFFError(f"cannot write {path}: {err.strerror or err}") from None
     failed = [r for r in doc["results"] if r["error"]]

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, OpenAFFError, one_line, run_command
+from .files import check_output_file, current_umask
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "add_parser", "export_model", "real_images", "summary"]
 
@@ -281,30 +282,6 @@ def _check(run: Callable[[torch.Tensor], torch.Tensor], reference: nn.Module,
     return errors
 
 
-def _check_out(out: Path) -> None:
-    if out.is_dir():
-        raise ConfigError(f"-o {out} is a directory; give a file name")
-    if not out.parent.is_dir():
-        raise ConfigError(f"cannot write -o {out}: directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write -o {out}: directory {out.parent} is not writable")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise ConfigError(f"cannot write -o {out}: the file is not writable")
-    # Before minutes of exporting: the permission bits say nothing for root or read-only mounts.
-    try:
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(f"cannot write -o {out}: {err.strerror or err}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx", weights: str | None = None,
                  model_kwargs: dict | None = None, fold_bn: bool = False,
                  input_size: tuple[int, int, int] | None = None, batch: int = 2, opset: int | None = None,
@@ -360,7 +337,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     if input_size is not None and (len(input_size) != 3 or min(input_size) < 1):
         raise ConfigError(f"--input-size takes C H W (three positive integers), got {tuple(input_size)}")
     out = Path(out)
-    _check_out(out)
+    check_output_file(out, "-o")
     if format == "onnx":
         _require_onnx()
     model_kwargs = dict(model_kwargs or {})
@@ -439,7 +416,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
             raise ExportError(f"{format} export of {name} differs from eager PyTorch by {errors[worst]:.3g} "
                               f"(max abs, {worst}) > --atol {atol:g}; nothing written to {out}")
         # mkstemp makes the file private; the output gets the mode open() would give it.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Files: atomic writes, the "can I write here?" check, the umask, and weight files (safetensors, PyTorch).
+"""Files: atomic writes, the "can I write here?" checks, the umask, and weight files (safetensors, PyTorch).
 
 Weight files are read with safetensors or ``torch.load(weights_only=True)``, never with a full
 unpickler; what cannot be read gets one :class:`~openaff.errors.CheckpointError` line saying what
@@ -22,9 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
-__all__ = ["atomic_write", "current_umask", "file_format", "load_torch_file", "load_weights", "save_weights"]
+__all__ = ["atomic_write", "check_output_file", "check_output_folder", "current_umask", "file_format",
+           "load_torch_file", "load_weights", "probe_folder", "save_weights"]
 
 
 def current_umask() -> int:
@@ -82,6 +83,76 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def probe_folder(folder: str | Path) -> None:
+    """Create a file in ``folder`` and remove it again: whether the folder takes new files, by a real write.
+
+    ``os.access`` answers from the permission bits, which root passes even where it cannot write (a
+    read-only mount, /proc, /sys); only a write tells.
+
+    Raises:
+        OSError: the folder does not take new files (or does not exist).
+    """
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".openaff-write-test.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_output_folder(folder: str | Path, what: str = "the output folder") -> None:
+    """Create ``folder`` (and its parents) if needed and check by a real write that files can be made in it.
+
+    Args:
+        folder: the folder a command writes into.
+        what: how the messages name it.
+
+    Raises:
+        ConfigError: ``cannot write to <what> <folder>: <reason>``.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe_folder(folder)
+    except OSError as err:
+        raise ConfigError(f"cannot write to {what} {folder}: {err.strerror or err}") from None
+
+
+def check_output_file(path: str | Path, flag: str, *, example: str | None = None, make_parents: bool = False) -> None:
+    """Refuse, before any work, an output file that cannot be written, in one line that names ``flag``.
+
+    The file is written atomically (a temporary file in its folder, renamed over it), so its folder
+    must take new files: checked by a real write (:func:`probe_folder`), right for root too. An
+    existing file must open for writing.
+
+    Args:
+        path: the file a command will write.
+        flag: the option that names it, for the messages (``"--json"``, ``"-o"``).
+        example: a file name to suggest when ``path`` is a folder.
+        make_parents: the command creates missing folders; the first one that exists must take them.
+
+    Raises:
+        ConfigError: ``path`` is a folder, its folder is missing or not a folder, or it cannot be written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        hint = f", e.g. {path / example}" if example else ""
+        raise ConfigError(f"{flag} {path} is a directory; give a file name{hint}")
+    parent = path.parent
+    while make_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"cannot write {flag} {path}: {parent} is not a folder")
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {flag} {path}: folder {parent} does not exist")
+    try:
+        probe_folder(parent)
+    except OSError as err:
+        raise ConfigError(f"cannot write {flag} {path}: cannot create files in {parent} "
+                          f"({err.strerror or err})") from None
+    if path.exists():
+        try:
+            open(path, "a").close()  # opens for writing without changing it
+        except OSError as err:
+            raise ConfigError(f"cannot write {flag} {path}: {err.strerror or err}") from None
 
 
 _MXNET_LIST_MAGIC = 0x112

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import torch
 
 from ..cpu_memory import apply_cpu_alloc
 from ..errors import CheckpointError, ConfigError, DataError, run_command
-from ..files import atomic_write, load_weights
+from ..files import atomic_write, check_output_file, load_weights
 from . import distributed
 from .config import make_config, parse_kv
 from .data import build_data
@@ -160,20 +159,6 @@ def _choose_data(data: str | None, data_dir: str | None, rec: _Recorded) -> tupl
         rec_dir = rec.data_dir if rec.data in DATA_KINDS else None
         return rec.data, rec_dir, "from the weights"
     return "fashion-mnist", None, "the default; the weights do not record a data set"
-
-
-def _check_json_path(path: str | None) -> None:
-    """Refuse an output file that cannot be written, before the evaluation spends any time."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"--json {path} is a directory; give a file name, e.g. {p / 'eval.json'}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write --json {path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ConfigError(f"cannot write --json {path}: permission denied")
 
 
 def _fmt(values: tuple[float, ...]) -> str:
@@ -388,7 +373,8 @@ def _run(args: argparse.Namespace) -> int:
         model_kwargs = dict(parse_kv(t) for t in args.model_kwargs)
     except argparse.ArgumentTypeError as err:
         raise ConfigError(f"--model-kwargs: {err}") from None
-    _check_json_path(args.json)
+    if args.json is not None:  # before the evaluation spends any time
+        check_output_file(args.json, "--json", example="eval.json")
 
     def log(line: str) -> None:
         if line.startswith("note: "):

@@ -34,7 +34,6 @@ import re
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from .. import hub
 from ..cpu_memory import apply_cpu_alloc
 from ..errors import ConfigError, NonFiniteLossError, run_command
-from ..files import atomic_write, load_weights
+from ..files import atomic_write, check_output_folder, load_weights
 from ..model_card import CARD_NAME, write_run_card
 from . import distributed
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
@@ -218,17 +217,6 @@ def fresh_run_folder(root: str | Path, stem: str, stamp: str | None = None) -> P
     raise ConfigError(f"cannot find a free run folder name {root}/{stem}-{stamp}-N")
 
 
-def _check_writable(folder: Path) -> None:
-    # A real write, not os.access: root passes access() checks on folders it still cannot write.
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".openaff-write-test.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise ConfigError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
-
-
 def _output_folder(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
     if resuming:
         out = Path(cfg.output)
@@ -242,7 +230,7 @@ def _output_folder(cfg: TrainConfig, resuming: bool, overwrite: bool) -> Path:
         if held and not overwrite:
             raise ConfigError(f"{out} holds a run ({', '.join(held)}); continue it with --resume {out} "
                               "or replace it with --overwrite")
-    _check_writable(out)
+    check_output_folder(out)
     return out
 
 
