@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
+from _file_utils import read_only_folder
 
 from openaff.errors import ConfigError
 from openaff.files import check_output_file, check_output_folder, current_umask
@@ -30,23 +30,6 @@ def test_current_umask_reads_it_without_setting_it(umask, mask: int, monkeypatch
 
         monkeypatch.setattr(os, "umask", no_set)
     assert current_umask() == mask
-
-
-def _read_only_folder(tmp_path: Path) -> Path:
-    """A folder that refuses new files to this process (for root: a sysfs folder; permission bits do not stop it)."""
-    if os.geteuid() != 0:
-        folder = tmp_path / "read-only"
-        folder.mkdir()
-        folder.chmod(0o555)
-        return folder
-    for folder in (Path("/sys/kernel"), Path("/sys")):
-        try:
-            fd, name = tempfile.mkstemp(dir=folder)
-        except OSError:
-            return folder
-        os.close(fd)
-        os.unlink(name)
-    pytest.skip("running as root with no folder that refuses root's writes")
 
 
 def _refused(path: Path, flag: str = "--json", **kwargs) -> str:
@@ -75,7 +58,7 @@ def test_output_file_checks_say_what_is_wrong(tmp_path: Path) -> None:
 
 
 def test_output_checks_write_for_real(tmp_path: Path) -> None:
-    folder = _read_only_folder(tmp_path)
+    folder = read_only_folder(tmp_path)
     assert f"cannot create files in {folder} (" in _refused(folder / "r.json")
     with pytest.raises(ConfigError, match=f"cannot write to the output folder {folder / 'run'}: "):
         check_output_folder(folder / "run")

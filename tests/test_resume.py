@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from _file_utils import read_only_folder
 from _train_utils import env, wait_for_step, write_fashion_mnist
 
 from openaff.cli import main
@@ -204,25 +203,8 @@ def test_a_nan_validation_loss_never_becomes_the_best(fmnist: Path, tmp_path: Pa
     assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
-def _read_only_folder(tmp_path: Path) -> Path:
-    if os.geteuid() != 0:
-        folder = tmp_path / "read-only"
-        folder.mkdir()
-        folder.chmod(0o555)
-        return folder
-    # root writes through permission bits; sysfs folders refuse new files even to root.
-    for folder in (Path("/sys/kernel"), Path("/sys")):
-        try:
-            fd, name = tempfile.mkstemp(dir=folder)
-        except OSError:
-            return folder
-        os.close(fd)
-        os.unlink(name)
-    pytest.skip("running as root with no folder that refuses root's writes")
-
-
 def test_a_read_only_output_folder_is_one_line_before_any_work(tmp_path: Path, capsys) -> None:
-    folder = _read_only_folder(tmp_path)
+    folder = read_only_folder(tmp_path)
     # The data folder does not exist either: the output is checked first, before any data is read.
     assert main(["train", "--data-dir", str(tmp_path / "no-data"), *TINY, "--output", str(folder)]) == 2
     err = _one_error_line(capsys)
