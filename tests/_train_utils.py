@@ -178,3 +178,24 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001  (
         rc = exit_.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def train_kill_resume(args: list[str], tmp_path: Path, total: int, first: int, last: int) -> tuple[dict, dict, str]:
+    """Train ``args`` uninterrupted (``tmp_path/full``), then again (``tmp_path/killed``) SIGKILLed at a random
+    step in ``[first, total - last)`` and resumed; returns both runs' last.pt and the resume's console output,
+    after checking the kill landed inside the run and the resume said where it continued."""
+    import torch
+
+    from openaff.training.checkpoint import load_checkpoint
+
+    full = openaff("train", *args, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "killed"
+    sigkill_at_step(args, run, int(torch.randint(first, total - last, (1,))))
+    stopped = load_checkpoint(run / "last.pt")
+    assert stopped["global_step"] < total
+    resumed = openaff("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    said = resumed.stderr + resumed.stdout
+    assert f"resuming {run} at epoch {stopped['epoch']}, step {stopped['step']}" in said
+    return load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt"), said

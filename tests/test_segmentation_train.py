@@ -14,13 +14,12 @@ import timm
 import torch
 import yaml
 from _seg_utils import write_voc
-from _train_utils import ONE_STEP_BOUND, ddp_vs_single, env, openaff, sigkill_at_step, write_fashion_mnist
+from _train_utils import ONE_STEP_BOUND, ddp_vs_single, env, train_kill_resume, write_fashion_mnist
 
 from openaff import load_pretrained
 from openaff.cli import main
 from openaff.segmentation.predict import predict
 from openaff.training import make_config
-from openaff.training.checkpoint import load_checkpoint
 from openaff.training.metrics import SEGMENT_COLUMNS
 from openaff.training.train import train
 
@@ -88,16 +87,8 @@ def test_sigkill_and_resume_is_bit_identical(fmnist: Path, tmp_path: Path) -> No
     args = [*TINY, "--data-dir", str(fmnist), "--limit-train", "96", "--limit-val", "16", "--batch-size", "8",
             "--epochs", "2", "--deterministic", "--checkpoint-every", "1", "--aug", "scale-crop-flip",
             "--ema-decay", "0.9", "--label-smoothing", "0.1", "--lr", "0.05", "--warmup-epochs", "0.5"]
-    full = openaff("train", *args, "--output", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
-    total = 2 * 96 // 8
-    kill_at = int(torch.randint(3, total - 6, (1,)))
+    a, b, _ = train_kill_resume(args, tmp_path, total=2 * 96 // 8, first=3, last=6)
     run = tmp_path / "killed"
-    sigkill_at_step(args, run, kill_at)
-    assert load_checkpoint(run / "last.pt")["global_step"] < total
-    resumed = openaff("train", "--resume", str(run))
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed weights differ"
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert _rows(tmp_path / "full") == _rows(run)

@@ -13,7 +13,7 @@ from _train_utils import (
     TINY,
     ddp_vs_single,
     openaff,
-    sigkill_at_step,
+    train_kill_resume,
     write_fashion_mnist,
     write_image_folder,
 )
@@ -91,22 +91,11 @@ def test_sigkill_and_resume_is_exact(fmnist: Path, tmp_path: Path) -> None:
             "--batch-size", "16", "--epochs", "2", "--deterministic", "--checkpoint-every", "1", "--mixup", "0.2",
             "--label-smoothing", "0.1", "--ema-decay", "0.9", "--lr", "0.05", "--warmup-epochs", "0.5",
             "--limit-val", "64"]
-    full = openaff("train", *args, "--output", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
-    total = 2 * 256 // 16
-    kill_at = int(torch.randint(4, total - 12, (1,)))
+    a, b, _ = train_kill_resume(args, tmp_path, total=2 * 256 // 16, first=4, last=12)
     run = tmp_path / "killed"
-    sigkill_at_step(args, run, kill_at)
-    stopped = load_checkpoint(run / "last.pt")
-    assert stopped["global_step"] < total
-    resumed = openaff("train", "--resume", str(run))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {run} at epoch {stopped['epoch']}, step {stopped['step']}" in resumed.stderr + resumed.stdout
-    a, b = _weights(tmp_path / "full"), _weights(run)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    ema_a, ema_b = load_checkpoint(tmp_path / "full" / "last.pt")["ema"], load_checkpoint(run / "last.pt")["ema"]
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resumed weights differ"
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert _metric_rows(tmp_path / "full") == _metric_rows(run)
 
 
