@@ -87,11 +87,11 @@ def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the mo
     if not args.resume and not args.list_recipes and config_from_args(args).task != "segment":
         raise ConfigError(f"{config_from_args(args).model} is a classifier; openaff segment train trains "
                           "segmentation models (openaff segment models lists them)")
-    return train_mod._run(args)
+    return train_mod.run_from_args(args)
 
 
 def _eval(args: argparse.Namespace, evaluate_mod) -> int:  # noqa: ANN001  (the module)
-    return evaluate_mod._run(args)
+    return evaluate_mod.run_from_args(args)
 
 
 def _rescore(args: argparse.Namespace) -> int:

@@ -365,10 +365,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="CPU runs: keep freed memory in the process (no page faults) or leave malloc alone")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=lambda args: run_command("openaff eval", lambda: _run(args)))
+    p.set_defaults(func=lambda args: run_command("openaff eval", lambda: run_from_args(args)))
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
+    """``openaff eval``'s work from its parsed arguments (also ``openaff segment eval``'s); the exit status."""
     try:
         model_kwargs = dict(parse_kv(t) for t in args.model_kwargs)
     except argparse.ArgumentTypeError as err:

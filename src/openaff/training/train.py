@@ -429,10 +429,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     add_config_arguments(p)
-    p.set_defaults(func=lambda args: run_command("openaff train", lambda: _run(args)))
+    p.set_defaults(func=lambda args: run_command("openaff train", lambda: run_from_args(args)))
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
+    """``openaff train``'s work from its parsed arguments (also ``openaff segment train``'s); the exit status."""
     try:
         return _command(args)
     except KeyboardInterrupt as err:
