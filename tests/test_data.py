@@ -17,9 +17,10 @@ from PIL import Image
 from openaff.errors import ConfigError, CorruptImageError, DataError
 from openaff.training import make_config
 from openaff.training.data import build_data
-from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_data, load_fashion_mnist, read_idx
+from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_fashion_mnist, read_idx
 from openaff.training.distributed import DistInfo
 from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler
+from openaff.training.splits import load_data
 
 
 def test_idx_reader_roundtrip(tmp_path: Path) -> None:

@@ -9,10 +9,12 @@
     print(result.final["val_top1"], result.weights)
     print(evaluate(result.weights)["top1"])
 
-Modules: ``config`` (recipes, flags), ``datasets`` (readers), ``data`` (transforms, loaders for a
-config), ``loader`` (samplers, on-device batch pipeline), ``engine`` (the loops), ``checkpoint``
-(resume state), ``distributed`` (torchrun, SyncBN), ``metrics`` (CSV, plot). The errors are
-:mod:`openaff.errors`' (re-exported here), atomic files and weight files :mod:`openaff.files`'.
+Modules: ``config`` (recipes, flags), ``tasks`` (what a task is to the engine; classification),
+``datasets`` (readers), ``scenes`` (fashion-mnist-scenes), ``splits`` (train / held-out validation / test
+of a named data set), ``transforms`` (per-image), ``loader`` (samplers, on-device batch pipeline),
+``data`` (loaders for a config), ``factory`` (model, optimiser, EMA, criterion), ``schedules``,
+``engine`` (the loops), ``checkpoint`` and ``resume`` (resume state), ``distributed`` (torchrun, SyncBN),
+``metrics`` (CSV, plot), ``train`` and ``evaluate`` (the commands).
 """
 
 from ..errors import CheckpointError, ConfigError, CorruptImageError, DataError, NonFiniteLossError, OpenAFFError

@@ -36,7 +36,8 @@ import torch
 
 from ..cpu_memory import apply_cpu_alloc
 from ..errors import CheckpointError, ConfigError, DataError, run_command
-from ..files import atomic_write, check_output_file, load_weights
+from ..files import atomic_write, check_output_file
+from ..hub import read_source
 from . import distributed
 from .config import make_config, parse_kv
 from .data import build_data
@@ -49,7 +50,6 @@ __all__ = ["add_parser", "evaluate"]
 # Native image size and channels of the in-memory data sets (image folders: any size, RGB).
 _NATIVE = {"fashion-mnist": (28, 1), "fashion-mnist-scenes": (SCENES_CANVAS, 1), "cifar10": (32, 3),
            "cifar100": (32, 3)}
-_WEIGHT_FILES = ("model.safetensors", "best.safetensors")  # hub layout first, then a run folder's
 
 
 @dataclass
@@ -102,38 +102,12 @@ def _floats(value: Any) -> tuple[float, ...] | None:
 
 
 def _load_source(weights: str | Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], _Recorded]:
-    """The state dict and the record of a weight file, a run folder or a hub-layout model folder."""
-    text = str(weights)
-    path = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text)
-    if not path.exists():
-        raise CheckpointError(f"weight file {path} does not exist")
-    if path.is_dir() and (path / "config.json").is_file():
-        return _load_hub_dir(path, use_ema)
-    if path.is_dir():
-        found = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
-        if found is None:
-            raise CheckpointError(f"{path} is a directory, not a weight file: expected a model folder with "
-                                  f"config.json, a training run folder ({' or '.join(_WEIGHT_FILES)}), or a file")
-        path = found
-    sd, meta = load_weights(path, use_ema=use_ema)
-    return sd, _Recorded.from_metadata(path, meta)
+    """The state dict and the record of a weight file, a run folder or a hub-layout model folder.
 
-
-def _load_hub_dir(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], _Recorded]:
-    try:
-        from ..hub import load_pretrained
-    except ImportError:
-        raise CheckpointError(f"{path} is a model folder (config.json) and this openaff cannot read those; pass "
-                              f"the weight file in it instead") from None
-    net, info = load_pretrained(path, use_ema=use_ema)
-    meta = {**(info.get("metadata") or {}), "model": info["architecture"], "model_kwargs": info["model_args"]}
-    for key in ("input_size", "mean", "std", "label_names"):
-        if info.get(key):
-            meta[key] = list(info[key])
-    crop = (getattr(net, "pretrained_cfg", None) or {}).get("crop_pct")
-    if crop is not None:
-        meta.setdefault("crop_pct", crop)
-    return net.state_dict(), _Recorded.from_metadata(path, meta)
+    The model is built here rather than by :func:`openaff.hub.load_pretrained`: the data set decides its classes.
+    """
+    src = read_source(weights, use_ema)
+    return src.state_dict, _Recorded.from_metadata(src.path if src.config is not None else src.weights, src.record())
 
 
 def _classifier_shape(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> tuple[str, int] | None:

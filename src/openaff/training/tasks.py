@@ -23,11 +23,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from ..errors import ConfigError
-from .datasets import SCENES_CANVAS, ImageData, SeededTransform, load_data, resolve_source
+from .datasets import SCENES_CANVAS, ImageData, SeededTransform, resolve_source
 from .distributed import DistInfo
 from .engine import evaluate as evaluate_classifier
 from .loader import BatchPipeline, collate
 from .metrics import COLUMNS, plot_curves, write_csv
+from .splits import load_data
 from .transforms import build_transforms
 
 if TYPE_CHECKING:

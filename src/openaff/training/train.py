@@ -53,10 +53,10 @@ from ..model_card import CARD_NAME, write_run_card
 from . import distributed
 from .config import TrainConfig, add_config_arguments, config_from_args, make_config, recipe_names, to_yaml
 from .data import DataBundle, build_data
-from .datasets import HOLDOUT_SEED
 from .engine import TrainState, train_one_epoch
 from .factory import build_training
 from .resume import Checkpointer, check_finite, load_resume_checkpoint, restore, resume_config
+from .splits import HOLDOUT_SEED
 from .tasks import get_task
 
 __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_folder", "train"]
