@@ -20,7 +20,7 @@ from openaff import load_pretrained
 from openaff.cli import main
 from openaff.segmentation.predict import predict
 from openaff.training import make_config
-from openaff.training.metrics import SEGMENT_COLUMNS
+from openaff.training.history import SEGMENT_COLUMNS
 from openaff.training.train import train
 
 TINY = ["--model", "aff_fpn_cifar_resnet8", "--model-kwargs", "width_mult=0.25", "--data", "fashion-mnist-scenes",

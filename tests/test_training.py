@@ -23,7 +23,7 @@ from openaff.errors import NonFiniteLossError
 from openaff.files import load_weights
 from openaff.training import make_config
 from openaff.training.checkpoint import load_checkpoint
-from openaff.training.metrics import COLUMNS
+from openaff.training.history import COLUMNS
 from openaff.training.train import train
 
 

@@ -58,7 +58,7 @@ from .files import atomic_write
 from .stats import contrast_table, parse_contrasts
 from .training.config import TrainConfig, make_config, to_yaml
 from .training.datasets import DATASET_STATS, resolve_source
-from .training.metrics import write_csv
+from .training.history import write_csv
 from .training.resume import RESUMABLE, load_resume_checkpoint
 from .training.tasks import task_for_model
 from .training.train import RUN_FILES, fresh_run_folder, train

@@ -20,7 +20,7 @@ from ..training.config import TrainConfig
 from ..training.datasets import ImageData
 from ..training.distributed import DistInfo, all_reduce_sum
 from ..training.engine import autocast
-from ..training.metrics import SEGMENT_COLUMNS, plot_curves, write_csv
+from ..training.history import SEGMENT_COLUMNS, plot_curves, write_csv
 from ..training.tasks import Criterion, Task, register_task
 from .data import SCALE_RANGE, SegmentationPipeline, load_segmentation_data, seg_collate
 from .fpn import is_segmenter

@@ -14,7 +14,7 @@ Modules: ``config`` (recipes, flags), ``tasks`` (what a task is to the engine; c
 of a named data set), ``transforms`` (per-image), ``loader`` (samplers, on-device batch pipeline),
 ``data`` (loaders for a config), ``factory`` (model, optimiser, EMA, criterion), ``schedules``,
 ``engine`` (the loops), ``checkpoint`` and ``resume`` (resume state), ``distributed`` (torchrun, SyncBN),
-``metrics`` (CSV, plot), ``train`` and ``evaluate`` (the commands).
+``history`` (metrics.csv, curves.png), ``train`` and ``evaluate`` (the commands).
 """
 
 from ..errors import CheckpointError, ConfigError, CorruptImageError, DataError, NonFiniteLossError, OpenAFFError

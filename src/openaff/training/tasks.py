@@ -26,8 +26,8 @@ from ..errors import ConfigError
 from .datasets import SCENES_CANVAS, ImageData, SeededTransform, resolve_source
 from .distributed import DistInfo
 from .engine import evaluate as evaluate_classifier
+from .history import COLUMNS, plot_curves, write_csv
 from .loader import BatchPipeline, collate
-from .metrics import COLUMNS, plot_curves, write_csv
 from .splits import load_data
 from .transforms import build_transforms
 
