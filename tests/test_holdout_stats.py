@@ -79,6 +79,26 @@ def test_training_scores_the_test_split_once_with_selected_and_final_weights(fmn
         assert test["selected"] == test["final"]
 
 
+def test_segmentation_holds_out_the_same_scenes_and_scores_the_test_scenes_once(fmnist: Path,
+                                                                               tmp_path: Path) -> None:
+    """A segmenter on fashion-mnist-scenes gets the classification scenes' split (masks as targets): the epoch is
+    chosen on held-out training scenes, the official test scenes are scored once (test.json, mIoU by item side)."""
+    from openaff.segmentation.data import load_segmentation_data
+
+    cfg = make_config(model="fpn_cifar_resnet8", model_kwargs=dict(width_mult=0.25), data="fashion-mnist-scenes",
+                      data_dir=str(fmnist), img_size=32, holdout=40, limit_train=32, batch_size=16, epochs=1,
+                      lr=0.05, output=str(tmp_path / "seg"), progress=False, threads=1, workers=0, amp="none")
+    data, scenes = load_segmentation_data(cfg), load_data("fashion-mnist-scenes", str(fmnist), img_size=32, holdout=40)
+    assert (len(data.val), len(data.train), len(data.test), data.holdout) == (40, 160, 48, 40)
+    assert torch.equal(data.val[3][0], scenes.val[3][0]) and torch.equal(data.test[5][0], scenes.test[5][0])
+    train(cfg)
+    test = json.loads((tmp_path / "seg" / "test.json").read_text())
+    assert test["images"] == 48 and "val_miou of 40 training images held out" in test["selected_on"]
+    assert 0 <= test["selected"]["test_miou"] <= 100 and sum(b["scenes"] for b in test["final"]["by_size"]) == 48
+    with pytest.raises(DataError, match="VOC folders keep their own validation list"):
+        load_segmentation_data(make_config(model="fpn_cifar_resnet8", data="voc", data_dir=str(fmnist), holdout=8))
+
+
 def test_paired_contrast_and_holm_against_a_hand_computed_case() -> None:
     a, b = [71.0, 73.0, 70.0, 74.0], [70.0, 70.5, 69.0, 71.5]  # differences 1, 2.5, 1, 2.5
     c = paired_contrast(a, b)

@@ -43,7 +43,7 @@ from ..errors import ConfigError, DataError
 from ..training.config import TrainConfig
 from ..training.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, read_rgb, resolve_source
 from ..training.loader import BatchPipeline, _key
-from ..training.scenes import FashionMNISTScenes
+from ..training.splits import load_data
 from .metrics import IGNORE_INDEX
 
 __all__ = ["SCALE_RANGE", "SEGMENTATION_KINDS", "VOC_CLASSES", "JointTransform", "SceneMasks", "SegmentationPipeline",
@@ -382,9 +382,17 @@ def load_segmentation_data(cfg: TrainConfig, train: bool = True) -> ImageData:
         canvas = cfg.img_size or SCENES_CANVAS
         if canvas < 28:
             raise DataError(f"fashion-mnist-scenes: --img-size (the canvas side) must be at least 28, got {canvas}")
-        val = SceneMasks(FashionMNISTScenes(root, "val", canvas))
-        tr = SceneMasks(FashionMNISTScenes(root, "train", canvas)) if train else None
-        return ImageData(kind, tr, val, len(val.classes), 1, canvas, mean, std, True, val.classes)
+        # The classification scenes' splits, masks as targets: the same held-out validation scenes (--holdout)
+        # and the official test scenes scored once per run.
+        scenes = load_data(kind, str(root), train=train, img_size=canvas, holdout=cfg.holdout)
+        val = SceneMasks(scenes.val)
+        tr = SceneMasks(scenes.train) if train else None
+        test = SceneMasks(scenes.test) if scenes.test is not None else None
+        return ImageData(kind, tr, val, len(val.classes), 1, canvas, mean, std, True, val.classes, test,
+                         scenes.holdout)
+    if cfg.holdout:
+        raise DataError(f"--holdout {cfg.holdout}: VOC folders keep their own validation list "
+                        "(ImageSets/Segmentation/val.txt); holding training images out works for fashion-mnist-scenes")
     size = cfg.img_size or VOC_CROP
     transform = JointTransform(size, SCALE_RANGE if cfg.aug == "scale-crop-flip" else None,
                                cfg.hflip if geometric else 0.0, random_crop=geometric, seed=cfg.seed)
