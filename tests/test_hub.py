@@ -269,3 +269,39 @@ def test_drop_rates_are_not_architecture(tmp_path):
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():  # not bitwise: with drop path the block computes shortcut + (fused - shortcut)
         torch.testing.assert_close(loaded(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+
+
+def test_one_resolver_for_names_and_every_kind_of_source(saved, tmp_path):
+    model, directory = saved
+    x = _x()
+    older = tmp_path / "older_run"  # a training run folder of earlier versions: best.safetensors, no config.json
+    older.mkdir()
+    (older / "best.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    for source in (directory, f"local-dir:{directory}", directory / "model.safetensors", older):
+        net, info = hub.resolve_model(str(source))
+        assert info["source"] == str(source) and info["architecture"] == "iaff_cifar_resnet8"
+        assert info["input_size"] == (1, 28, 28) and info["label_names"] == LABELS
+        with torch.no_grad():
+            assert torch.equal(net(x), model(x)), source
+        same, _ = hub.resolve_model("iaff_cifar_resnet8", source)  # the name and its weights: the same model
+        with torch.no_grad():
+            assert torch.equal(same(x), model(x)), source
+    src = hub.read_source(directory)
+    assert src.weights == directory / "model.safetensors" and src.config["architecture"] == "iaff_cifar_resnet8"
+    assert src.record()["model_kwargs"]["fusion_stages"] == [2, 3] and src.record()["input_size"] == [1, 28, 28]
+    assert src.metadata["val_top1"] == 12.5  # config.json's metadata over the header's
+
+    net, info = hub.resolve_model("aff_cifar_resnet8", model_kwargs=dict(width_mult=0.25))  # random weights
+    assert info["source"] is None and info["model_args"] == dict(width_mult=0.25) and not net.training
+    with pytest.raises(ConfigError) as err:
+        hub.resolve_model(str(directory), directory)
+    assert "is a weight source already" in _one_line(err)
+    with pytest.raises(CheckpointError) as err:
+        hub.resolve_model(str(tmp_path / "no" / "run"))
+    assert f"weight source {tmp_path / 'no' / 'run'} does not exist" in _one_line(err)
+    with pytest.raises(ConfigError) as err:
+        hub.resolve_model("no_such_net")
+    assert "unknown model 'no_such_net'" in _one_line(err)
+    with pytest.raises(ConfigError) as err:
+        hub.resolve_model("aff_cifar_resnet8", model_kwargs=dict(nosuch=1))
+    assert "model aff_cifar_resnet8 with model_kwargs {'nosuch': 1}" in _one_line(err)

@@ -46,12 +46,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
 from .errors import ConfigError, OpenAFFError, one_line, run_command
 from .files import check_output_file, current_umask
+from .hub import resolve_model
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "add_parser", "export_model", "real_images", "summary"]
 
@@ -129,29 +129,12 @@ def _data_config(net: nn.Module, info: dict, model_kwargs: dict) -> dict:
             "std": tuple(info.get("std") or cfg.get("std") or (1.0,))}
 
 
-def _unknown_model(name: str) -> ConfigError:
-    return ConfigError(f"unknown model {name!r} (`openaff models` lists ours; any timm name works)")
-
-
-def _load(model: str, weights: str | None, model_kwargs: dict) -> tuple[nn.Module, str, dict, dict]:
-    """The model in eval mode, its name, its create_model kwargs and its data config."""
-    if model.startswith("local-dir:") or (Path(model).exists() and not timm.is_model(model)):
-        if weights is not None:
-            raise ConfigError(f"MODEL {model} is a weight source already; drop --weights or give a model name")
-        weights, model = model, None
-    elif not timm.is_model(model):
-        raise _unknown_model(model)
-    if weights is None:
-        try:
-            net = timm.create_model(model, **model_kwargs)
-        except (TypeError, ValueError, RuntimeError, AssertionError) as err:
-            raise ConfigError(f"model {model} with model_kwargs {model_kwargs}: {one_line(err)}") from None
-        return net.eval(), model, dict(model_kwargs), _data_config(net, {}, model_kwargs)
-    from .hub import load_pretrained
-
-    net, info = load_pretrained(weights, model=model, model_kwargs=model_kwargs or None)
-    kwargs = dict(info.get("model_args") or model_kwargs)
-    return net.eval(), info.get("architecture") or model, kwargs, _data_config(net, info, {})
+def _load(model: str, weights: str | None, model_kwargs: dict) -> tuple[nn.Module, str, dict, dict, str | None]:
+    """The model in eval mode, its name, its create_model kwargs, its data config and its weight source."""
+    net, info = resolve_model(model, weights, model_kwargs=model_kwargs)
+    kwargs = dict(info["model_args"] or model_kwargs)
+    random = info["source"] is None
+    return net, info["architecture"], kwargs, _data_config(net, info, model_kwargs if random else {}), info["source"]
 
 
 def _per_channel(values: tuple[float, ...], channels: int, what: str) -> torch.Tensor:
@@ -350,8 +333,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         data = _data_config(net, {}, {})
         source = None
     else:
-        net, name, kwargs, data = _load(model, weights, model_kwargs)
-    source = weights or (model if isinstance(model, str) and not timm.is_model(model) else None)
+        net, name, kwargs, data, source = _load(model, weights, model_kwargs)
     size = tuple(int(v) for v in (input_size or data["input_size"]))
     # Exported and checked in float32 on the CPU, whatever the weights were saved in (a caller's
     # module on another device or dtype is copied, not moved).

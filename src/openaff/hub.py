@@ -1,4 +1,10 @@
-"""Weights in timm's hub folder layout, and one loader for every kind of weight source we write.
+"""Weights in timm's hub folder layout, and one reader and one resolver for every kind of weight source we write.
+
+:func:`read_source` reads what a weight source holds (a model folder, a training run folder, a
+weight file); :func:`load_pretrained` builds the model it holds; :func:`resolve_model` turns what a
+command is given (a timm name and/or a weight source) into a model: ``openaff export`` and
+``openaff cam`` call it, ``openaff eval`` reads its weights with :func:`read_source` and builds the
+model for the data set it evaluates on.
 
 A folder written by :func:`save_pretrained` holds ``config.json`` (timm's layout: ``architecture``,
 ``num_classes``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``, so that::
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +30,11 @@ import timm
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
-from .files import atomic_write, load_weights, save_weights
+from .errors import CheckpointError, ConfigError, one_line
+from .files import atomic_write, file_format, load_weights, save_weights
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "is_hub_dir", "load_line", "load_pretrained", "save_pretrained"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "WeightSource", "is_hub_dir", "load_line", "load_pretrained", "read_source",
+           "resolve_model", "save_pretrained"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,6 +44,8 @@ _RUNTIME_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "pretrained",
 # pretrained_cfg fields that point at where weights came from; a saved folder is its own source.
 _SOURCE_FIELDS = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "state_dict", "tag")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+# The weights of a training run folder without config.json: model.safetensors, or best.safetensors of earlier versions.
+_RUN_WEIGHTS = (WEIGHTS_NAME, "best.safetensors")
 
 
 def is_hub_dir(directory: str | Path) -> bool:
@@ -241,13 +251,96 @@ def _input_size(meta: dict, in_chans: int | None) -> tuple[int, ...] | None:
     return (int(in_chans), *(int(s) for s in size))
 
 
+@dataclass
+class WeightSource:
+    """What a weight source holds, read without building a model.
+
+    Attributes:
+        path: the folder or file named (``local-dir:`` taken off).
+        weights: the weight file read (``path`` itself, or the one in the folder).
+        state_dict: its tensors (DDP and ``torch.compile`` prefixes taken off).
+        metadata: what the weights record (our safetensors header, a checkpoint's run configuration),
+            with a model folder's ``config.json`` ``metadata`` over it.
+        config: a model folder's ``config.json`` (timm's hub layout), else None.
+    """
+
+    path: Path
+    weights: Path
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    config: dict | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What the source says about its model, in the safetensors header's terms (``model``,
+        ``model_kwargs``, ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``, ``label_names``,
+        ``data``, ...): the header for a weight file, ``config.json`` for a model folder."""
+        if self.config is None:
+            return dict(self.metadata)
+        cfg = self.config
+        pcfg = cfg.get("pretrained_cfg", {})
+        out = {**self.metadata, "model": cfg["architecture"], "model_kwargs": dict(cfg.get("model_args", {}))}
+        size = pcfg.get("input_size")
+        if size and "in_chans" in out["model_kwargs"]:
+            size = [out["model_kwargs"]["in_chans"], *size[1:]]
+        labels = cfg.get("label_names", pcfg.get("label_names"))
+        for key, value in (("input_size", size), ("mean", pcfg.get("mean")), ("std", pcfg.get("std")),
+                           ("label_names", labels)):
+            if value:
+                out[key] = list(value)
+        for key in ("crop_pct", "interpolation"):
+            if pcfg.get(key) is not None:
+                out.setdefault(key, pcfg[key])
+        return out
+
+
+def read_source(source: str | Path, use_ema: bool = False) -> WeightSource:
+    """Read a weight source: a model folder, a training run folder or a weight file.
+
+    Args:
+        source: ``local-dir:DIR`` or a folder with ``config.json`` (timm's hub layout); a training run folder
+            without one (its ``model.safetensors`` or ``best.safetensors``); one of our ``.safetensors`` files
+            (the model recorded in its header); a ``.pt``/``.pth``/``.bin`` state dict or a checkpoint holding
+            one (timm's, our ``last.pt``).
+        use_ema: prefer the EMA weights of a training checkpoint that has both.
+
+    Raises:
+        CheckpointError: a missing or unreadable source, a folder without weights, a file that is no weight file.
+        ConfigError: a model folder of an architecture timm does not know.
+    """
+    text = str(source)
+    path = Path(text.removeprefix("local-dir:"))
+    if not path.exists():
+        raise CheckpointError(f"weight source {path} does not exist")
+    cfg = None
+    if path.is_dir():
+        if is_hub_dir(path):
+            cfg = _read_config(path)
+            _known(cfg["architecture"])  # before the weights: no one can use them without it
+            weights = _weights_in(path)
+        else:
+            weights = next((path / n for n in _RUN_WEIGHTS if (path / n).is_file()), None)
+            if weights is None:
+                raise CheckpointError(f"{path} is a directory, not a model folder: it has no {CONFIG_NAME} (nor the "
+                                      f"{' or '.join(_RUN_WEIGHTS)} of a training run)")
+    else:
+        weights = path
+        if path.suffix not in _WEIGHT_SUFFIXES and file_format(path, "weight") == "unknown":
+            raise CheckpointError(f"{path} is not a weight file (expected a folder or "
+                                  f"{', '.join(_WEIGHT_SUFFIXES)}); MXNet .params files go through openaff convert")
+    sd, meta = load_weights(weights, use_ema=use_ema)
+    if cfg is not None:
+        meta = {**meta, **cfg.get("metadata", {})}
+    return WeightSource(path, weights, sd, meta, cfg)
+
+
 def load_pretrained(source: str | Path, *, model: str | None = None, model_kwargs: dict | None = None,
                     use_ema: bool = False) -> tuple[nn.Module, dict]:
     """Build the model a weight source holds and load its weights strictly.
 
     Args:
-        source: ``local-dir:DIR``, a folder with ``config.json``, one of our ``.safetensors`` files (the
-            model recorded in its header), or a plain ``.safetensors``/``.pt``/``.pth`` state dict.
+        source: what :func:`read_source` reads: ``local-dir:DIR``, a model folder with ``config.json``, a
+            training run folder, one of our ``.safetensors`` files (the model recorded in its header), or a
+            plain ``.safetensors``/``.pt``/``.pth`` state dict.
         model: the timm model name; required for a plain state dict, must agree with a recorded one.
         model_kwargs: ``timm.create_model`` keywords added to (and overriding) the recorded ones.
         use_ema: prefer the EMA weights of a training checkpoint that has both.
@@ -260,34 +353,24 @@ def load_pretrained(source: str | Path, *, model: str | None = None, model_kwarg
         CheckpointError: missing or unreadable source, folder without config.json, weights that do not fit.
         ConfigError: no or unknown model name, arguments the model does not take.
     """
-    text = str(source)
-    path = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text)
-    if not path.exists():
-        raise CheckpointError(f"weight source {path} does not exist")
+    src = read_source(source, use_ema)
+    path, sd = src.path, src.state_dict
     extra = dict(model_kwargs or {})
-    if path.is_dir():
-        cfg = _read_config(path)
-        name = _known(cfg["architecture"])
+    if src.config is not None:
+        cfg = src.config
+        name = cfg["architecture"]
         if model is not None and model != name:
             raise ConfigError(f"{path} holds {name}, not {model}")
         args = {**cfg.get("model_args", {}), **extra}
         pcfg = dict(cfg["pretrained_cfg"])
         if "label_names" in cfg:
             pcfg["label_names"] = cfg["label_names"]
-        weights = _weights_in(path)
-        sd, meta = load_weights(weights, use_ema=use_ema)
-        metadata = {**meta, **cfg.get("metadata", {})}
         overlay = {k: pcfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation", "num_classes",
                                         "label_names", "classifier") if k in pcfg}
         if "in_chans" in args and "input_size" in overlay:
             overlay["input_size"] = [args["in_chans"], *overlay["input_size"][1:]]
-        net = _build(name, args, overlay)
-        _load_strict(net, sd, str(weights), name)
     else:
-        if path.suffix not in _WEIGHT_SUFFIXES:
-            raise CheckpointError(f"{path} is not a weight file (expected a folder or "
-                                  f"{', '.join(_WEIGHT_SUFFIXES)}); MXNet .params files go through openaff convert")
-        sd, meta = load_weights(path, use_ema=use_ema)
+        meta = src.metadata
         recorded = meta.get("model")
         if model is not None and recorded and model != recorded:
             raise ConfigError(f"{path} holds {recorded}, not {model}")
@@ -309,9 +392,8 @@ def load_pretrained(source: str | Path, *, model: str | None = None, model_kwarg
                 overlay[key] = meta[key]
         if "num_classes" in args:
             overlay["num_classes"] = args["num_classes"]
-        net = _build(name, args, overlay)
-        _load_strict(net, sd, str(path), name)
-        metadata = meta
+    net = _build(name, args, overlay)
+    _load_strict(net, sd, str(src.weights), name)
     net.eval()
     pc = dict(getattr(net, "pretrained_cfg", None) or {})
     labels = pc.get("label_names")
@@ -322,9 +404,52 @@ def load_pretrained(source: str | Path, *, model: str | None = None, model_kwarg
             labels = None
     info = dict(architecture=name, model_args=args, input_size=tuple(pc.get("input_size") or ()) or None,
                 mean=tuple(pc["mean"]) if pc.get("mean") else None, std=tuple(pc["std"]) if pc.get("std") else None,
-                label_names=list(labels) if labels else None, metadata=metadata)
+                label_names=list(labels) if labels else None, metadata=src.metadata)
     if info["input_size"] and not all(isinstance(v, int) and v > 0 for v in info["input_size"]):
         raise CheckpointError(f"{path} records an invalid input size {info['input_size']}")
     if info["mean"] and not all(math.isfinite(v) for v in info["mean"]):
         raise CheckpointError(f"{path} records an invalid mean {info['mean']}")
     return net, info
+
+
+def resolve_model(model: str | Path, weights: str | Path | None = None, *,
+                  model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """The model a command is given: a timm name (random weights unless ``weights``) or a weight source.
+
+    Args:
+        model: a timm model name, or a weight source (``local-dir:DIR``, a model or training run folder, a
+            weight file; see :func:`read_source`), which then needs no ``weights``.
+        weights: a weight source for the named model.
+        model_kwargs: ``timm.create_model`` keywords (added to the recorded ones).
+
+    Returns:
+        The model in eval mode, and what :func:`load_pretrained` says of it (``architecture``, ``model_args``,
+        ``input_size``, ``mean``, ``std``, ``label_names``, ``metadata``; None where random weights record
+        nothing) with ``source``: the weight source, or None.
+
+    Raises:
+        ConfigError: an unknown model, arguments it does not take, a weight source given weights too.
+        CheckpointError: a weight source that does not exist or cannot be read, or weights that do not fit.
+    """
+    text = str(model)
+    kwargs = dict(model_kwargs or {})
+    if text.startswith("local-dir:") or (not timm.is_model(text) and Path(text).exists()):
+        if weights is not None:
+            raise ConfigError(f"{text} is a weight source already; drop --weights (or give a model name)")
+        weights, name = text, None
+    elif not timm.is_model(text):
+        if Path(text).suffix in _WEIGHT_SUFFIXES or "/" in text:
+            raise CheckpointError(f"weight source {text} does not exist")
+        raise ConfigError(f"unknown model {text!r} (`openaff models` lists ours; any timm name works; or give a run "
+                          "folder or a .safetensors file)")
+    else:
+        name = text
+    if weights is not None:
+        net, info = load_pretrained(weights, model=name, model_kwargs=kwargs or None)
+        return net, {**info, "source": str(weights)}
+    try:
+        net = timm.create_model(name, **kwargs)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ConfigError(f"model {name} with model_kwargs {kwargs}: {one_line(err)}") from None
+    return net.eval(), dict(architecture=name, model_args=kwargs, input_size=None, mean=None, std=None,
+                            label_names=None, metadata={}, source=None)

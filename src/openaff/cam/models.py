@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, OpenAFFError
+from ..errors import ConfigError, OpenAFFError
+from ..hub import resolve_model
 
 __all__ = ["CamError", "CamModel", "default_target_layer", "load_model"]
 
@@ -127,11 +127,6 @@ def _check_layer(model: nn.Module, path: str, label: str) -> str:
     return path
 
 
-def _unknown_model(name: str) -> ConfigError:
-    return ConfigError(f"unknown model {name!r} (`openaff models` lists ours; any timm name works; or give a run "
-                       "folder or a .safetensors file)")
-
-
 def load_model(model: str | Path | nn.Module | CamModel, weights: str | Path | None = None, *,
                model_kwargs: dict | None = None, img_size: int | None = None, target_layer: str | None = None,
                label: str | None = None) -> CamModel:
@@ -141,7 +136,7 @@ def load_model(model: str | Path | nn.Module | CamModel, weights: str | Path | N
         model: a timm name (random weights unless ``weights``), a weight source (a run or hub folder,
             ``local-dir:DIR``, one of our ``.safetensors`` files), an ``nn.Module`` (its ``pretrained_cfg``
             is used) or a :class:`CamModel` (``img_size``, ``target_layer`` and ``label`` override its own).
-        weights: a weight source for the named model (see :func:`openaff.hub.load_pretrained`).
+        weights: a weight source for the named model (see :func:`openaff.hub.resolve_model`).
         model_kwargs: ``timm.create_model`` keywords (e.g. ``width_mult=0.25``, ``in_chans=1``).
         img_size: feed ``img_size x img_size`` images instead of the model's input size.
         target_layer: module path of the CAM's layer (default: :func:`default_target_layer`).
@@ -167,30 +162,8 @@ def load_model(model: str | Path | nn.Module | CamModel, weights: str | Path | N
         net, name = model.eval(), type(model).__name__
         name = str((getattr(net, "pretrained_cfg", None) or {}).get("architecture") or name)
     else:
-        text = str(model)
-        if text.startswith("local-dir:") or (not timm.is_model(text) and Path(text).exists()):
-            if weights is not None:
-                raise ConfigError(f"{text} is a weight source already; drop its --weights (or give a model name)")
-            weights, name = text, None
-        elif not timm.is_model(text):
-            if Path(text).suffix in (".safetensors", ".pt", ".pth", ".bin") or "/" in text:
-                raise CheckpointError(f"weight source {text} does not exist")
-            raise _unknown_model(text)
-        else:
-            name = text
-        if weights is None:
-            try:
-                net = timm.create_model(name, **kwargs)
-            except (TypeError, ValueError, RuntimeError, AssertionError) as err:
-                msg = " ".join(str(err).split())
-                raise ConfigError(f"model {name} with model_kwargs {kwargs}: {msg}") from None
-        else:
-            from ..hub import load_pretrained
-
-            net, info = load_pretrained(weights, model=name, model_kwargs=kwargs or None)
-            name = info.get("architecture") or name
-            source = str(weights)
-        net.eval()
+        net, info = resolve_model(model, weights, model_kwargs=kwargs)
+        name, source = info["architecture"], info["source"]
     cfg = dict(getattr(net, "pretrained_cfg", None) or {})
     size = tuple(info.get("input_size") or cfg.get("input_size") or (3, 224, 224))
     chans = int(kwargs.get("in_chans") or _in_chans(net) or size[0])
