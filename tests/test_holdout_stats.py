@@ -99,6 +99,14 @@ def test_segmentation_holds_out_the_same_scenes_and_scores_the_test_scenes_once(
         load_segmentation_data(make_config(model="fpn_cifar_resnet8", data="voc", data_dir=str(fmnist), holdout=8))
 
 
+def test_the_authors_protocol_is_study_gpu_without_the_holdout() -> None:
+    from openaff.training import load_recipe
+
+    ours, theirs = load_recipe("study-gpu"), load_recipe("study-gpu-authors")
+    assert {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)} == {"holdout"}
+    assert (ours["holdout"], theirs["holdout"]) == (5000, 0)
+
+
 def test_paired_contrast_and_holm_against_a_hand_computed_case() -> None:
     a, b = [71.0, 73.0, 70.0, 74.0], [70.0, 70.5, 69.0, 71.5]  # differences 1, 2.5, 1, 2.5
     c = paired_contrast(a, b)
