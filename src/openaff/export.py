@@ -52,6 +52,7 @@ from torch import nn
 from .errors import ConfigError, OpenAFFError, one_line, run_command
 from .files import check_output_file, current_umask
 from .hub import resolve_model
+from .photos import LUMA, PHOTOS, per_channel, photo
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "add_parser", "export_model", "real_images", "summary"]
 
@@ -60,10 +61,7 @@ MIN_OPSET = 17
 # torch's dynamo exporter translates to opset 18+ and cannot convert our graphs down to 17.
 _DYNAMO_MIN_OPSET = 18
 _SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
-REAL_IMAGES = ("astronaut", "chelsea", "coffee")
 _ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-# skimage.color.rgb2gray's luma weights (ITU-R BT.709).
-_LUMA = (0.2125, 0.7154, 0.0721)
 
 
 class ExportError(OpenAFFError):
@@ -137,20 +135,6 @@ def _load(model: str, weights: str | None, model_kwargs: dict) -> tuple[nn.Modul
     return net, info["architecture"], kwargs, _data_config(net, info, model_kwargs if random else {}), info["source"]
 
 
-def _per_channel(values: tuple[float, ...], channels: int, what: str) -> torch.Tensor:
-    if len(values) == channels:
-        v = values
-    elif len(values) == 1:
-        v = values * channels
-    elif channels == 1:
-        # A grey model with an RGB config (timm keeps the 3-channel ImageNet mean for in_chans=1).
-        v = (sum(w * m for w, m in zip(_LUMA, values, strict=False)),) if len(values) == 3 else (
-            sum(values) / len(values),)
-    else:
-        raise ConfigError(f"the model's {what} has {len(values)} values but its input has {channels} channels")
-    return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
-
-
 def real_images(input_size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """scikit-image's astronaut, chelsea and coffee as a normalised ``3 x C x H x W`` float32 batch.
 
@@ -163,24 +147,25 @@ def real_images(input_size: tuple[int, int, int], mean: tuple[float, ...], std: 
         std: per-channel standard deviation.
     """
     try:
-        import skimage.data
+        photos = [photo(name) for name in PHOTOS]
     except ImportError:
         raise ExportError("the real-image parity check needs scikit-image: pip install scikit-image") from None
     from torchvision.transforms.v2 import functional as TF
 
     c, h, w = input_size
     batch = []
-    for name in REAL_IMAGES:
-        img = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1).float() / 255.0
+    for arr in photos:
+        img = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
         scale = max(h / img.shape[1], w / img.shape[2])
         size = [max(h, round(img.shape[1] * scale)), max(w, round(img.shape[2] * scale))]
         img = TF.center_crop(TF.resize(img, size, antialias=True), [h, w])
         if c != 3:
-            grey = (img * torch.tensor(_LUMA).view(3, 1, 1)).sum(0, keepdim=True)
+            grey = (img * torch.tensor(LUMA).view(3, 1, 1)).sum(0, keepdim=True)
             img = grey.expand(c, h, w)
         batch.append(img)
     x = torch.stack(batch)
-    return ((x - _per_channel(mean, c, "mean")) / _per_channel(std, c, "std")).contiguous()
+    mean_t, std_t = (torch.tensor(per_channel(v, c, k)).view(1, -1, 1, 1) for v, k in ((mean, "mean"), (std, "std")))
+    return ((x - mean_t) / std_t).contiguous()
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -350,7 +335,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         except Exception as err:
             raise ConfigError(f"{name} does not run on a {'x'.join(map(str, size))} input: {_first_line(err)}") \
                 from None
-    inputs[f"real images ({', '.join(REAL_IMAGES)})"] = real_images(size, data["mean"], data["std"])
+    inputs[f"real images ({', '.join(PHOTOS)})"] = real_images(size, data["mean"], data["std"])
 
     exported = net
     folded = 0

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, CorruptImageError, DataError
+from ..photos import IMAGE_SUFFIXES, PHOTOS, photo
 from .models import CamModel
 
 __all__ = ["IMAGE_SUFFIXES", "PHOTOS", "Sample", "load_images", "photo_samples", "scene_samples"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-PHOTOS = ("astronaut", "chelsea", "coffee")  # scikit-image's sample photos (--data photos)
 
 
 @dataclass
@@ -92,21 +91,9 @@ def photo_samples(names: Sequence[str] = PHOTOS) -> list[Sample]:
         names: ``skimage.data`` image names.
     """
     try:
-        import skimage.data
+        return [Sample(photo(name), str(name)) for name in names]
     except ImportError:
         raise ConfigError("--data photos needs scikit-image: pip install open-aff[cam]") from None
-    out = []
-    for name in names:
-        fn = getattr(skimage.data, str(name), None)
-        if not callable(fn) or str(name).startswith("_"):
-            raise DataError(f"unknown photo {name!r}: scikit-image's are e.g. {', '.join(PHOTOS)}")
-        arr = np.asarray(fn())
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.dtype != np.uint8:
-            raise DataError(f"skimage.data.{name} is not an 8-bit grey or colour photo")
-        out.append(Sample(np.ascontiguousarray(arr[:, :, :3]), str(name)))
-    return out
 
 
 def scene_samples(indices: Sequence[int], *, canvas: int = 64, split: str = "val", seed: int = 0,

@@ -3,7 +3,6 @@ target layer), :func:`load_model`, :func:`default_target_layer`, and :class:`Cam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +11,9 @@ from torch import nn
 
 from ..errors import ConfigError, OpenAFFError
 from ..hub import resolve_model
+from ..photos import per_channel
 
 __all__ = ["CamError", "CamModel", "default_target_layer", "load_model"]
-
-# ITU-R BT.709 luma weights (as skimage.color.rgb2gray): an RGB mean/std for a one-channel model.
-_LUMA = (0.2125, 0.7154, 0.0721)
 
 
 class CamError(OpenAFFError):
@@ -69,17 +66,6 @@ def _in_chans(model: nn.Module) -> int | None:
         if isinstance(m, nn.Conv2d):
             return int(m.in_channels)
     return None
-
-
-def _per_channel(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if channels == 1 and len(values) == 3:  # timm keeps the RGB statistics of a model built with in_chans=1
-        return (sum(w * v for w, v in zip(_LUMA, values, strict=True)),)
-    raise ConfigError(f"the model's {what} has {len(values)} values but its input has {channels} channels")
 
 
 def _imagenet_names() -> list[str] | None:
@@ -168,8 +154,8 @@ def load_model(model: str | Path | nn.Module | CamModel, weights: str | Path | N
     size = tuple(info.get("input_size") or cfg.get("input_size") or (3, 224, 224))
     chans = int(kwargs.get("in_chans") or _in_chans(net) or size[0])
     h, w = (int(img_size), int(img_size)) if img_size is not None else (int(size[-2]), int(size[-1]))
-    mean = _per_channel(info.get("mean") or cfg.get("mean") or (0.0,), chans, "mean")
-    std = _per_channel(info.get("std") or cfg.get("std") or (1.0,), chans, "std")
+    mean = per_channel(info.get("mean") or cfg.get("mean") or (0.0,), chans, "mean")
+    std = per_channel(info.get("std") or cfg.get("std") or (1.0,), chans, "std")
     names = info.get("label_names") or cfg.get("label_names")
     num_classes = int(getattr(net, "num_classes", 0) or 0)
     if isinstance(names, str):

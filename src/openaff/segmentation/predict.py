@@ -21,12 +21,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from ..photos import IMAGE_SUFFIXES
 from .data import VOC_CLASSES, voc_palette
 from .metrics import IGNORE_INDEX, confusion_matrix, scores
 
 __all__ = ["IMAGE_SUFFIXES", "colorize", "overlay", "predict", "save_grid"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _PALETTE = voc_palette()
 
 
