@@ -19,7 +19,7 @@ from openaff.training import make_config
 from openaff.training.data import build_data
 from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_fashion_mnist, read_idx
 from openaff.training.distributed import DistInfo
-from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler
+from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler, lighting_shift, seed_key
 from openaff.training.splits import load_data
 
 
@@ -118,6 +118,18 @@ def test_batch_pipeline_is_seeded_by_key() -> None:
     assert torch.allclose(plain, (images.float() / 255 - 0.5) / 0.25, atol=1e-5)
     # A crop of a padded image: every output row/column is a shifted input row/column or padding.
     assert not torch.equal(a, plain)
+
+
+def test_pca_lighting_shifts_each_image_by_one_rgb_offset() -> None:
+    images = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
+    pipe = BatchPipeline(torch.device("cpu"), (0.0, 0.0, 0.0), (1 / 255,) * 3, lighting=0.1, seed=1)
+    shift = pipe(images, key=(0, 2, 0)) - 128  # mean 0, std 1/255: the output is on the pixel scale
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-4)  # one offset per image, channel
+    g = torch.Generator().manual_seed(seed_key(1, 0, 2, 0))
+    expected = lighting_shift(4, 0.1, g, torch.device("cpu"))
+    assert torch.allclose(shift[:, :, :1, :1], expected, atol=1e-3) and expected.abs().max() > 0.5
+    grey = BatchPipeline(torch.device("cpu"), (0.0,), (1 / 255,), lighting=0.1, seed=1)
+    assert torch.allclose(grey(images[:, :1], key=(0, 2, 0)), torch.full((4, 1, 8, 8), 128.0))  # RGB only
 
 
 def test_auto_augment_is_reproducible(tmp_path: Path) -> None:

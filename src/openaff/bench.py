@@ -51,6 +51,7 @@ from torch import nn
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
 from .errors import ConfigError, OpenAFFError, run_command
 from .files import atomic_write, check_output_file
+from .machine import cpu_name
 
 __all__ = ["BenchResult", "add_parser", "check_args", "main", "markdown_table", "run_bench"]
 
@@ -335,7 +336,7 @@ def _machine(device: torch.device, threads: int) -> dict:
     import timm
 
     info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                platform=platform.platform(), cpu=_cpu_name(), cpu_count=os.cpu_count(), threads=threads,
+                platform=platform.platform(), cpu=cpu_name(), cpu_count=os.cpu_count(), threads=threads,
                 mkldnn=torch.backends.mkldnn.is_available())
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
@@ -345,14 +346,6 @@ def _machine(device: torch.device, threads: int) -> dict:
 
             info["triton"] = triton.__version__
     return info
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _loadavg() -> list[float] | None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..machine import cpu_name
 from .baselines import BASELINES
 from .faithfulness import ROAD_PERCENTILES
 from .gradcam import _cam_class, _save, gradcam_grid
@@ -162,9 +163,7 @@ def _group(members: list[dict]) -> dict:
 
 
 def _machine() -> str:
-    from ..bench import _cpu_name
-
-    return f"{os.cpu_count()}-core {_cpu_name()}"
+    return f"{os.cpu_count()}-core {cpu_name()}"
 
 
 def score_study(study: str | Path, output: str | Path | None = None, *, limit: int = 2000, split: str = "test",

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from ..training.config import TrainConfig
 from ..training.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, read_rgb, resolve_source
-from ..training.loader import BatchPipeline, _key
+from ..training.loader import BatchPipeline, lighting_shift, seed_key
 from ..training.splits import load_data
 from .metrics import IGNORE_INDEX
 
@@ -253,7 +253,7 @@ class JointTransform:
         self.epoch = 0
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(_key(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(seed_key(self.seed, self.epoch, index))
         h, w = mask.shape
         if self.scale is not None:
             lo, hi = (math.log(s) for s in self.scale)
@@ -323,7 +323,7 @@ class SegmentationPipeline(BatchPipeline):
         x = images.to(self.device, non_blocking=True)
         m = masks.to(self.device, non_blocking=True)
         if key is not None and (self.scale or self.crop_padding or self.hflip or self.lighting):
-            g = torch.Generator(device=self.device).manual_seed(_key(self.seed, *key))
+            g = torch.Generator(device=self.device).manual_seed(seed_key(self.seed, *key))
             if self.scale is not None:
                 x, m = self._scale(x, m, g)
             elif self.crop_padding or self.hflip:
@@ -331,11 +331,7 @@ class SegmentationPipeline(BatchPipeline):
                 x = self._crop_flip(x, *draws)
                 m = self._crop_flip(m.unsqueeze(1), *draws).squeeze(1)
             if self.lighting and x.shape[1] == 3:
-                alpha = torch.randn(x.shape[0], 3, generator=g, device=x.device) * self.lighting
-                from ..training.loader import _EIGVAL, _EIGVEC
-
-                rgb = (alpha * _EIGVAL.to(x.device)) @ _EIGVEC.to(x.device).T * 255
-                x = (x.float() + rgb.view(-1, 3, 1, 1)).clamp_(0, 255)
+                x = (x.float() + lighting_shift(x.shape[0], self.lighting, g, x.device)).clamp_(0, 255)
         x = (x.float() - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         return x, m.long()

@@ -26,7 +26,7 @@ import csv
 import io
 import json
 import math
-import platform
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -37,6 +37,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..files import atomic_write
 from ..hub import load_pretrained
+from ..machine import cpu_name
 from ..stats import paired_contrast
 from ..training.datasets import FASHION_MNIST_DIR
 from ..training.distributed import DistInfo
@@ -227,17 +228,7 @@ def _num(v: float | None, digits: int = 2) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}"
 
 
 def _mean_std(g: dict | None) -> str:

@@ -17,19 +17,33 @@ import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["BatchPipeline", "EvalSampler", "TrainSampler", "collate", "make_loader"]
+__all__ = ["PCA_EIGVAL", "PCA_EIGVEC", "BatchPipeline", "EvalSampler", "TrainSampler", "collate", "lighting_shift",
+           "make_loader", "seed_key"]
 
 # AlexNet's PCA of ImageNet RGB pixels ("lighting" augmentation of the authors' recipe).
-_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
 
-def _key(*parts: int) -> int:
-    # A reproducible 63-bit seed from small integers (Python's hash() of ints is not mixed enough).
+def seed_key(*parts: int) -> int:
+    """A reproducible 63-bit seed from small integers (Python's ``hash()`` of ints is not mixed enough)."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
         h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3) & 0x7FFFFFFFFFFFFFFF
     return h
+
+
+def lighting_shift(n: int, std: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """AlexNet's PCA lighting: one RGB shift per image (``n x 3 x 1 x 1``, pixel scale 0-255).
+
+    Args:
+        n: images in the batch.
+        std: standard deviation of the eigenvalue weights (the recipe's ``lighting``).
+        g: the batch's generator, on ``device``.
+        device: where the batch is.
+    """
+    alpha = torch.randn(n, 3, generator=g, device=device) * std
+    return ((alpha * PCA_EIGVAL.to(device)) @ PCA_EIGVEC.to(device).T * 255).view(n, 3, 1, 1)
 
 
 class TrainSampler(Sampler[list[int]]):
@@ -63,7 +77,7 @@ class TrainSampler(Sampler[list[int]]):
         return max(self.batches_per_epoch - self.start, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(_key(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(seed_key(self.seed, self.epoch))
         perm = torch.randperm(self.n, generator=g)
         gb = self.batch_size * self.world_size
         for k in range(self.start, self.batches_per_epoch):
@@ -144,7 +158,7 @@ class BatchPipeline:
         """Normalise ``images``; with a ``key`` (training) augment them first, seeded by the key."""
         x = images.to(self.device, non_blocking=True)
         if key is not None and (self.crop_padding or self.hflip or self.lighting):
-            g = torch.Generator(device=self.device).manual_seed(_key(self.seed, *key))
+            g = torch.Generator(device=self.device).manual_seed(seed_key(self.seed, *key))
             x = self._augment(x, g)
         x = (x.float() - self.mean) / self.std
         if key is not None and self.erase is not None:
@@ -171,7 +185,7 @@ class BatchPipeline:
 
         m = masks.to(self.device, non_blocking=True).unsqueeze(1)
         if self.crop_padding or self.hflip:
-            g = torch.Generator(device=self.device).manual_seed(_key(self.seed, *key))
+            g = torch.Generator(device=self.device).manual_seed(seed_key(self.seed, *key))
             m = self._crop_flip(m, *self._crop_flip_draws(m.shape[0], g, m.device))
         m = m.squeeze(1)
         return m, boxes_from_masks(m)
@@ -207,7 +221,5 @@ class BatchPipeline:
         dev = x.device
         x = self._crop_flip(x, *self._crop_flip_draws(b, g, dev))
         if self.lighting and c == 3:
-            alpha = torch.randn(b, 3, generator=g, device=dev) * self.lighting
-            rgb = (alpha * _EIGVAL.to(dev)) @ _EIGVEC.to(dev).T * 255
-            x = (x.float() + rgb.view(b, 3, 1, 1)).clamp_(0, 255)
+            x = (x.float() + lighting_shift(b, self.lighting, g, dev)).clamp_(0, 255)
         return x
