@@ -7,6 +7,7 @@ import torch
 
 from openaff import bench
 from openaff.cli import COMMANDS
+from openaff.errors import ConfigError
 
 TINY = ["--device", "cpu", "--img-size", "16", "--num-classes", "10", "--batch", "2", "--warmup", "1",
         "--repeats", "1", "--iters", "1", "--threads", "1", "--cpu-alloc", "system"]
@@ -231,3 +232,23 @@ def test_fusion_spec_builds_the_twin(tmp_path):
     assert rows["aff_cifar_resnet8:add"]["gmacs"] == pytest.approx(rows["cifar_resnet8"]["gmacs"])
     assert rows["aff_cifar_resnet8:ms_se+fold"]["params"] > rows["cifar_resnet8"]["params"]
     assert "| `aff_cifar_resnet8:add` |" in md
+
+
+def test_python_api_takes_typed_settings_and_leaves_them_alone(tmp_path):
+    settings = bench.BenchSettings(models=("aff_cifar_resnet8",), baseline="cifar_resnet8", device="cpu", img_size=16,
+                                   num_classes=10, batch=2, warmup=1, repeats=1, iters=1, threads=1,
+                                   cpu_alloc="system")
+    before = repr(settings)
+    doc = bench.run_bench(settings)
+    assert repr(settings) == before  # not filled in or mutated
+    assert {r["model"] for r in doc["results"]} == {"aff_cifar_resnet8", "cifar_resnet8"}
+    assert all(r["error"] is None for r in doc["results"]) and doc["meta"]["batch"] == 2
+    # The recorded command is the CLI's for the same settings: running it gives the same setup.
+    assert doc["meta"]["command"] == settings.command_line()
+    rc, cli_doc, _ = _run(tmp_path, *doc["meta"]["command"].split()[2:])
+    assert rc == 0 and cli_doc["meta"]["command"] == settings.command_line(tmp_path / "res" / "bench.json")
+    with pytest.raises(ConfigError, match="--mode must be one of train, infer, got 'fit'"):
+        bench.run_bench(settings, mode="fit")
+    with pytest.raises(ConfigError, match="run_bench: .*'batches'"):
+        bench.run_bench(settings, batches=3)
+    assert bench.BenchSettings(mode="train").resolved().models == bench.DEFAULT_MODELS["train"]

@@ -40,9 +40,10 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ from .errors import ConfigError, OpenAFFError, run_command
 from .files import atomic_write, check_output_file
 from .machine import cpu_name
 
-__all__ = ["BenchResult", "add_parser", "check_args", "main", "markdown_table", "run_bench"]
+__all__ = ["BenchResult", "BenchSettings", "add_parser", "main", "markdown_table", "run_bench"]
 
 # Without --models: our two headline models and the timm networks a user would pick instead; in
 # inference also folded variants (ours with fuse_for_inference, the baselines with torch.fx's fuse).
@@ -192,7 +193,7 @@ def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None) -> int:
 class _Entry:
     """One model under test: its module, optional optimizer, and a ``step()`` closure."""
 
-    def __init__(self, spec: str, args: argparse.Namespace, compiled: bool, device: torch.device,
+    def __init__(self, spec: str, settings: BenchSettings, compiled: bool, device: torch.device,
                  x: torch.Tensor, target: torch.Tensor) -> None:
         import timm
 
@@ -203,17 +204,17 @@ class _Entry:
         self.result = BenchResult(model=spec, compiled=compiled)
         notes = []
         arch, kwargs = _create_kwargs(name)
-        model = timm.create_model(arch, num_classes=args.num_classes, in_chans=x.shape[1], **kwargs)
+        model = timm.create_model(arch, num_classes=settings.num_classes, in_chans=x.shape[1], **kwargs)
         self.result.params = sum(p.numel() for p in model.parameters())
-        self.result.gmacs = _gmacs(name, tuple(x.shape[1:]), args.num_classes)
+        self.result.gmacs = _gmacs(name, tuple(x.shape[1:]), settings.num_classes)
         if "naive" in suffixes:
             notes.append(f"straightforward formulas in {_make_naive(model)} fusion modules")
         if "recompute" in suffixes or "norecompute" in suffixes:
             set_fusion_recompute("recompute" in suffixes, model)
         model.to(device)
-        if args.channels_last:
+        if settings.channels_last:
             model.to(memory_format=torch.channels_last)
-        train = args.mode == "train"
+        train = settings.mode == "train"
         model.train(train)
         if "fold" in suffixes:
             if train:
@@ -222,8 +223,8 @@ class _Entry:
             notes.append(f"BN folded ({how})")
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if train else None
-        fwd = torch.compile(model, mode=args.compile_mode) if compiled else model
-        amp = _amp_dtype(args.amp)
+        fwd = torch.compile(model, mode=settings.compile_mode) if compiled else model
+        amp = _amp_dtype(settings.amp)
         autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
         scaler = torch.amp.GradScaler(device.type) if (train and amp is torch.float16) else None
         self.result.notes = "; ".join(notes)
@@ -376,109 +377,225 @@ def _check_device(spec: str) -> None:
             raise ConfigError(f"--device {spec}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad ``openaff bench`` arguments before any model is built (:class:`ConfigError`, one line).
+_COMPILE = {"off": (False,), "on": (True,), "both": (False, True)}
 
-    Counts, ranges, the device, ``--pair`` and every model name with its suffixes; a model that
-    fails while it runs (out of memory, a compiler error) is reported in the results instead.
+
+@dataclass
+class BenchSettings:
+    """What ``openaff bench`` measures: its Python API; the command line builds one from its flags.
+
+    Attributes:
+        models: model specs (timm names, ``name:fusion``, ``+fold``/``+recompute``/``+norecompute``/``+naive``);
+            None: :data:`DEFAULT_MODELS` of the mode (and :data:`DEFAULT_PAIRS` unless ``pairs`` are given).
+        baseline: the model the ratios refer to (added if missing).
+        pairs: ``MODEL=BASELINE``: another baseline for one model (its name without suffixes).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        batch: images per step.
+        img_size: input side.
+        in_chans: input channels.
+        num_classes: classifier outputs.
+        mode: ``train`` (forward, cross-entropy, backward, SGD step) or ``infer``.
+        compile: ``off``, ``on`` or ``both`` (eager and ``torch.compile``).
+        compile_mode: ``torch.compile`` mode, e.g. ``max-autotune-no-cudagraphs``.
+        amp: autocast dtype: ``bf16``, ``fp16`` or ``off``.
+        channels_last: channels_last model and input.
+        cpu_alloc: CPU runs: ``retain`` keeps freed memory in the process (:mod:`openaff.cpu_memory`), ``system``
+            leaves malloc as it is.
+        threads: ``torch.set_num_threads`` (0: leave as is).
+        fusion_kernels: blend kernels of our fusions in eager models (``eager``, ``compiled``; None: the default).
+        warmup: untimed steps per model (compilation happens here).
+        repeats: timed rounds; the median is reported.
+        iters: steps per timed round.
+        settle: untimed steps of a model before each of its timed rounds (None: 1 on the CPU, 0 on GPUs).
+        seed: seed of the input batch and the models' initialisation.
+        time_limit: seconds: past this, build no more models and start no more rounds (None: no limit).
+        quiet_cpu: CPU runs: a round counts as undisturbed when other processes used at most this share of the
+            machine's CPUs meanwhile.
     """
-    import timm
 
-    import openaff  # noqa: F401  (registers our models with timm)
+    models: Sequence[str] | None = None
+    baseline: str = "resnet50d"
+    pairs: Sequence[str] | None = None
+    device: str = "auto"
+    batch: int = 8
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    mode: str = "infer"
+    compile: str = "off"
+    compile_mode: str | None = None
+    amp: str = "off"
+    channels_last: bool = False
+    cpu_alloc: str = "retain"
+    threads: int = 0
+    fusion_kernels: str | None = None
+    warmup: int = 3
+    repeats: int = 10
+    iters: int = 2
+    settle: int | None = None
+    seed: int = 0
+    time_limit: float | None = None
+    quiet_cpu: float = 0.05
 
-    minimum = {"--batch": (args.batch, 1), "--repeats": (args.repeats, 1), "--iters": (args.iters, 1),
-               "--warmup": (args.warmup, 0), "--img-size": (args.img_size, 1), "--in-chans": (args.in_chans, 1),
-               "--num-classes": (args.num_classes, 1), "--threads": (args.threads, 0)}
-    if args.settle is not None:
-        minimum["--settle"] = (args.settle, 0)
-    for flag, (value, low) in minimum.items():
-        if value < low:
-            raise ConfigError(f"{flag} must be >= {low}, got {value}" + (" (0: leave as is)" if flag == "--threads"
-                                                                           else ""))
-    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
-        raise ConfigError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
-    if not 0 <= args.quiet_cpu <= 1:
-        raise ConfigError(f"--quiet-cpu must be a share of the CPUs in [0, 1], got {args.quiet_cpu}")
-    _check_device(args.device)
-    pairs = _parse_pairs(args.pair)
-    specs = [s.strip() for s in (args.models or "").split(",") if s.strip()]
-    for spec in [*specs, args.baseline, *pairs, *pairs.values()]:
-        name, suffixes = _parse_spec(spec)
-        arch, kwargs = _create_kwargs(name)
-        if not timm.is_model(arch):
-            raise ConfigError(f"unknown model {arch!r} (see openaff models or timm.list_models())")
-        if kwargs:
-            from .info import list_openaff_models
-            from .layers import fusion_names
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchSettings:
+        """The settings of parsed ``openaff bench`` flags (``--models`` is comma-separated, ``--pair`` repeated)."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in ("models", "pairs")}
+        models = None if args.models is None else tuple(s.strip() for s in args.models.split(",") if s.strip())
+        return cls(models=models, pairs=None if args.pair is None else tuple(args.pair), **values)
 
-            if arch not in list_openaff_models():
-                raise ConfigError(f"{name!r}: ':fusion' is for openaff's models, not {arch!r}")
-            if kwargs["fusion"] not in fusion_names():
-                known = ", ".join(fusion_names())
-                raise ConfigError(f"{name!r}: unknown fusion type {kwargs['fusion']!r}; known: {known}")
-        if "fold" in suffixes and args.mode == "train":
-            raise ConfigError(f"{spec}: +fold is for --mode infer (a folded model has no BatchNorm to train)")
+    def resolved(self) -> BenchSettings:
+        """These settings with the default models (and their pairs) filled in."""
+        if self.models is not None:
+            return replace(self, models=tuple(self.models), pairs=None if self.pairs is None else tuple(self.pairs))
+        return replace(self, models=DEFAULT_MODELS[self.mode],
+                       pairs=tuple(DEFAULT_PAIRS if self.pairs is None else self.pairs))
+
+    def check(self) -> None:
+        """Refuse bad settings before any model is built (:class:`ConfigError`, one line).
+
+        Counts, ranges, choices, the device, the pairs and every model name with its suffixes; a model that
+        fails while it runs (out of memory, a compiler error) is reported in the results instead.
+        """
+        import timm
+
+        import openaff  # noqa: F401  (registers our models with timm)
+
+        minimum = {"--batch": (self.batch, 1), "--repeats": (self.repeats, 1), "--iters": (self.iters, 1),
+                   "--warmup": (self.warmup, 0), "--img-size": (self.img_size, 1), "--in-chans": (self.in_chans, 1),
+                   "--num-classes": (self.num_classes, 1), "--threads": (self.threads, 0)}
+        if self.settle is not None:
+            minimum["--settle"] = (self.settle, 0)
+        for flag, (value, low) in minimum.items():
+            if value < low:
+                raise ConfigError(f"{flag} must be >= {low}, got {value}" + (" (0: leave as is)" if flag == "--threads"
+                                                                               else ""))
+        for flag, value, allowed in (("--mode", self.mode, ("train", "infer")), ("--compile", self.compile, _COMPILE),
+                                     ("--amp", self.amp, ("bf16", "fp16", "off")),
+                                     ("--cpu-alloc", self.cpu_alloc, ("retain", "system")),
+                                     ("--fusion-kernels", self.fusion_kernels, (None, "eager", "compiled"))):
+            if value not in allowed:
+                raise ConfigError(f"{flag} must be one of {', '.join(str(v) for v in allowed if v)}, got {value!r}")
+        if self.time_limit is not None and not (math.isfinite(self.time_limit) and self.time_limit > 0):
+            raise ConfigError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
+        if not 0 <= self.quiet_cpu <= 1:
+            raise ConfigError(f"--quiet-cpu must be a share of the CPUs in [0, 1], got {self.quiet_cpu}")
+        _check_device(self.device)
+        pairs = _parse_pairs(self.pairs)
+        specs = [s.strip() for s in self.models or () if s.strip()]
+        for spec in [*specs, self.baseline, *pairs, *pairs.values()]:
+            name, suffixes = _parse_spec(spec)
+            arch, kwargs = _create_kwargs(name)
+            if not timm.is_model(arch):
+                raise ConfigError(f"unknown model {arch!r} (see openaff models or timm.list_models())")
+            if kwargs:
+                from .info import list_openaff_models
+                from .layers import fusion_names
+
+                if arch not in list_openaff_models():
+                    raise ConfigError(f"{name!r}: ':fusion' is for openaff's models, not {arch!r}")
+                if kwargs["fusion"] not in fusion_names():
+                    known = ", ".join(fusion_names())
+                    raise ConfigError(f"{name!r}: unknown fusion type {kwargs['fusion']!r}; known: {known}")
+            if "fold" in suffixes and self.mode == "train":
+                raise ConfigError(f"{spec}: +fold is for --mode infer (a folded model has no BatchNorm to train)")
+
+    def command_line(self, json_path: Path | None = None) -> str:
+        """One ``openaff bench`` command that reproduces the run (with ``--json json_path`` when given)."""
+        s = self.resolved()
+        parts = ["openaff", "bench", "--models", ",".join(m.strip() for m in s.models if m.strip()),
+                 "--baseline", s.baseline, *[a for p in (s.pairs or []) for a in ("--pair", p)],
+                 "--device", s.device, "--batch", str(s.batch),
+                 "--img-size", str(s.img_size), "--mode", s.mode, "--amp", s.amp,
+                 "--compile", s.compile]
+        if s.compile_mode:
+            parts += ["--compile-mode", s.compile_mode]
+        parts.append("--channels-last" if s.channels_last else "--no-channels-last")
+        if s.threads:
+            parts += ["--threads", str(s.threads)]
+        if s.cpu_alloc != "retain":
+            parts += ["--cpu-alloc", s.cpu_alloc]
+        if s.fusion_kernels:
+            parts += ["--fusion-kernels", s.fusion_kernels]
+        if s.in_chans != 3 or s.num_classes != 1000:
+            parts += ["--in-chans", str(s.in_chans), "--num-classes", str(s.num_classes)]
+        parts += ["--warmup", str(s.warmup), "--repeats", str(s.repeats), "--iters", str(s.iters)]
+        if s.settle is not None:
+            parts += ["--settle", str(s.settle)]
+        if s.quiet_cpu != 0.05:
+            parts += ["--quiet-cpu", str(s.quiet_cpu)]
+        if s.time_limit:
+            parts += ["--time-limit", str(s.time_limit)]
+        if json_path:
+            parts += ["--json", str(json_path)]
+        return " ".join(shlex.quote(p) for p in parts)
 
 
-def run_bench(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by parsed ``openaff bench`` arguments; returns the JSON document.
+def run_bench(settings: BenchSettings | None = None, /, *, command: str | None = None, **changes: Any) -> dict:
+    """Run a benchmark; the Python API of ``openaff bench``. Returns the JSON document it writes.
+
+    Args:
+        settings: what to measure (default: :class:`BenchSettings`'s defaults).
+        command: the command line recorded in ``meta`` (default: :meth:`BenchSettings.command_line`).
+        **changes: fields of :class:`BenchSettings` that override ``settings``'s, e.g. ``models=["aff_resnet50"]``.
 
     Raises:
-        ConfigError: a bad argument (see :func:`check_args`), before any work.
+        ConfigError: a bad setting (see :meth:`BenchSettings.check`), before any work.
     """
     from .layers import set_fusion_kernels
 
-    if args.models is None:
-        args.models = ",".join(DEFAULT_MODELS[args.mode])
-        if args.pair is None:
-            args.pair = list(DEFAULT_PAIRS)
-    check_args(args)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        settings = replace(settings or BenchSettings(), **changes).resolved()
+    except TypeError as err:
+        raise ConfigError(f"run_bench: {err}") from None
+    settings.check()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(settings.device if settings.device != "auto" else auto)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     # Before any model exists: what the allocator does to a CPU step is part of the setup, recorded in meta.
-    cpu_alloc = apply_cpu_alloc(args.cpu_alloc, device.type)
-    if args.fusion_kernels:
-        set_fusion_kernels(args.fusion_kernels)
+    cpu_alloc = apply_cpu_alloc(settings.cpu_alloc, device.type)
+    if settings.fusion_kernels:
+        set_fusion_kernels(settings.fusion_kernels)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    torch.manual_seed(args.seed)
-    specs = [s.strip() for s in args.models.split(",") if s.strip()]
-    for base in [args.baseline, *_parse_pairs(args.pair).values()]:
+    torch.manual_seed(settings.seed)
+    specs = [s.strip() for s in settings.models if s.strip()]
+    for base in [settings.baseline, *_parse_pairs(settings.pairs).values()]:
         if base not in specs:
             specs.append(base)
         # Like for like: a folded model is compared with the folded baseline, so that one is measured too.
         if any("fold" in _parse_spec(s)[1] for s in specs) and "fold" not in _parse_spec(base)[1] \
                 and f"{base}+fold" not in specs:
             specs.append(f"{base}+fold")
-    compile_flags = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    compile_flags = _COMPILE[settings.compile]
 
-    size = args.img_size
-    x = torch.randn(args.batch, args.in_chans, size, size, device=device)
-    if args.channels_last:
+    size = settings.img_size
+    x = torch.randn(settings.batch, settings.in_chans, size, size, device=device)
+    if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    target = torch.randint(0, settings.num_classes, (settings.batch,), device=device)
 
     entries: list[_Entry] = []
     failed: list[BenchResult] = []
     load_before = _loadavg()
     # --time-limit: stop building models / starting rounds once it has passed, and report what was
     # measured (a time-out from outside would lose the whole run).
-    deadline = time.perf_counter() + args.time_limit if args.time_limit else math.inf
+    deadline = time.perf_counter() + settings.time_limit if settings.time_limit else math.inf
     for compiled in compile_flags:
         for spec in specs:
             if time.perf_counter() > deadline:
                 failed.append(BenchResult(model=spec, compiled=compiled, error="not run: --time-limit reached"))
                 continue
             try:
-                entry = _Entry(spec, args, compiled, device, x, target)
+                entry = _Entry(spec, settings, compiled, device, x, target)
                 t0 = time.perf_counter()
-                for _ in range(args.warmup):
+                for _ in range(settings.warmup):
                     entry.step()
                 _sync(device)
                 entry.result.warmup_s = round(time.perf_counter() - t0, 2)
                 entry.result.peak_mem_mib = _peak_mem(entry, device)
-                if args.mode == "train" and not compiled:
+                if settings.mode == "train" and not compiled:
                     entry.result.saved_mib = entry.saved_bytes() / 2**20
                 entries.append(entry)
             except Exception as e:  # one model failing must not lose the others' numbers
@@ -491,11 +608,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     samples: dict[int, list[tuple[float, float | None, float | None]]] = {i: [] for i in range(len(entries))}
     # A model's first step after another model's meets the allocator in the other's state (on the CPU
     # a fresh large tensor page-faults); an untimed step first measures the model as a user runs it.
-    settle = args.settle if args.settle is not None else (1 if device.type == "cpu" else 0)
+    settle = settings.settle if settings.settle is not None else (1 if device.type == "cpu" else 0)
     rounds = 0
-    for r in range(args.repeats):
+    for r in range(settings.repeats):
         if r > 0 and time.perf_counter() > deadline:
-            print(f"openaff bench: --time-limit reached after {r} of {args.repeats} rounds", file=sys.stderr)
+            print(f"openaff bench: --time-limit reached after {r} of {settings.repeats} rounds", file=sys.stderr)
             break
         rounds += 1
         order = list(range(len(entries)))
@@ -504,7 +621,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             try:
                 for _ in range(settle):
                     entries[i].step()
-                samples[i].append(_time_steps(entries[i], args.iters, device))
+                samples[i].append(_time_steps(entries[i], settings.iters, device))
             except Exception as e:
                 entries[i].result.error = f"{type(e).__name__}: {e}"
     load_after = _loadavg()
@@ -520,17 +637,17 @@ def run_bench(args: argparse.Namespace) -> dict:
             res.faults_per_step = statistics.median(faults) if faults else None
             res.ms_median = statistics.median(s) * 1e3
             res.ms_min, res.ms_max = min(s) * 1e3, max(s) * 1e3
-            res.images_per_s = args.batch / (res.ms_median / 1e3)
-            quiet = [t for t, o, _ in samples[i] if o is not None and o <= args.quiet_cpu]
+            res.images_per_s = settings.batch / (res.ms_median / 1e3)
+            quiet = [t for t, o, _ in samples[i] if o is not None and o <= settings.quiet_cpu]
             if device.type == "cpu" and samples[i][0][1] is not None:
                 res.quiet_samples = len(quiet)
                 res.ms_quiet_median = statistics.median(quiet) * 1e3 if quiet else None
         results.append(res)
     results += failed
-    pairs = _parse_pairs(args.pair)
+    pairs = _parse_pairs(settings.pairs)
     for res in results:
         name, suffixes = _parse_spec(res.model)
-        base_name = pairs.get(name, args.baseline) if res.error is None else args.baseline
+        base_name = pairs.get(name, settings.baseline) if res.error is None else settings.baseline
         if "fold" in suffixes and "fold" not in _parse_spec(base_name)[1]:
             base_name = f"{base_name}+fold"  # like for like: folded against folded
         base = next((b for b in results if b.model == base_name and b.compiled == res.compiled
@@ -551,51 +668,21 @@ def run_bench(args: argparse.Namespace) -> dict:
     from .layers import fusion_kernels, fusion_recompute
 
     meta = dict(
-        command=_command_line(args),
+        command=command or settings.command_line(),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=str(device),
         machine=_machine(device, torch.get_num_threads()),
-        mode=args.mode, batch=args.batch, input_size=[args.in_chans, size, size], amp=args.amp,
-        channels_last=args.channels_last, cpu_alloc=cpu_alloc,
-        compile=args.compile, compile_mode=args.compile_mode,
-        warmup=args.warmup, repeats=args.repeats, repeats_done=rounds, iters=args.iters, settle=settle,
-        baseline=args.baseline,
-        quiet_cpu=args.quiet_cpu,
+        mode=settings.mode, batch=settings.batch, input_size=[settings.in_chans, size, size], amp=settings.amp,
+        channels_last=settings.channels_last, cpu_alloc=cpu_alloc,
+        compile=settings.compile, compile_mode=settings.compile_mode,
+        warmup=settings.warmup, repeats=settings.repeats, repeats_done=rounds, iters=settings.iters, settle=settle,
+        baseline=settings.baseline,
+        quiet_cpu=settings.quiet_cpu,
         fusion_recompute_default=fusion_recompute(), fusion_kernels=fusion_kernels(),
         loadavg_before=load_before, loadavg_after=load_after,
     )
     doc = dict(meta=meta, results=[asdict(r) for r in results])
     doc["markdown"] = markdown_table(doc)
     return doc
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The parsed options written back as one ``openaff bench`` command that reproduces the run."""
-    parts = ["openaff", "bench", "--models", ",".join(s.strip() for s in args.models.split(",") if s.strip()),
-             "--baseline", args.baseline, *[a for p in (args.pair or []) for a in ("--pair", p)],
-             "--device", args.device, "--batch", str(args.batch),
-             "--img-size", str(args.img_size), "--mode", args.mode, "--amp", args.amp,
-             "--compile", args.compile]
-    if args.compile_mode:
-        parts += ["--compile-mode", args.compile_mode]
-    parts.append("--channels-last" if args.channels_last else "--no-channels-last")
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    if args.cpu_alloc != "retain":
-        parts += ["--cpu-alloc", args.cpu_alloc]
-    if args.fusion_kernels:
-        parts += ["--fusion-kernels", args.fusion_kernels]
-    if args.in_chans != 3 or args.num_classes != 1000:
-        parts += ["--in-chans", str(args.in_chans), "--num-classes", str(args.num_classes)]
-    parts += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--iters", str(args.iters)]
-    if args.settle is not None:
-        parts += ["--settle", str(args.settle)]
-    if args.quiet_cpu != 0.05:
-        parts += ["--quiet-cpu", str(args.quiet_cpu)]
-    if args.time_limit:
-        parts += ["--time-limit", str(args.time_limit)]
-    if args.json:
-        parts += ["--json", str(args.json)]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -711,7 +798,8 @@ def _run(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--markdown", md_path)):
         if path is not None:
             check_output_file(path, flag, example="bench.json", make_parents=True)
-    doc = run_bench(args)
+    settings = BenchSettings.from_args(args)
+    doc = run_bench(settings, command=settings.command_line(args.json))
     print(doc["markdown"])
     for path, text in ((args.json, json.dumps(doc, indent=1) + "\n"), (md_path, doc["markdown"])):
         if path is None:
