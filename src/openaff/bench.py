@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
-from .errors import ConfigError, OpenAFFError, run_command
+from .errors import ConfigError, OneLineParser, OpenAFFError, run_command
 from .files import atomic_write, check_output_file
 from .machine import cpu_name
 
@@ -815,8 +815,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``openaff bench`` without the ``openaff`` front end (``python -m openaff.bench ...``)."""
-    from .cli import OneLineParser
-
     parser = OneLineParser(prog="openaff")
     parser.commands = parser.add_subparsers(dest="command")
     add_parser(parser.commands)

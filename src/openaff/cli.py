@@ -13,7 +13,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import NoReturn
+
+from .errors import OneLineParser
 
 # sub-command -> module with `add_parser(subparsers)`. Adding a command is one line here.
 COMMANDS = {
@@ -31,27 +32,6 @@ COMMANDS = {
 }
 
 __all__ = ["COMMANDS", "OneLineParser", "build_parser", "main", "version"]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line, ``openaff train: error: ...``, exit status 2.
-
-    argparse would print the whole usage first (dozens of lines for ``openaff train``), burying
-    the one line that says what is wrong; ``--help`` still shows it all.
-    """
-
-    commands: argparse._SubParsersAction | None = None
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201  (argparse's signature)
-        # Unknown flags are found after the sub-command has parsed its own: blame that sub-command.
-        parsed, extra = self.parse_known_args(args, namespace)
-        if extra:
-            sub = self.commands.choices.get(getattr(parsed, "command", None)) if self.commands else None
-            (sub or self).error(f"unrecognized arguments: {' '.join(extra)}")
-        return parsed
 
 
 def version() -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 __all__ = ["CheckpointError", "ConfigError", "CorruptImageError", "DataError", "NonFiniteLossError",
-           "OpenAFFError", "one_line", "run_command"]
+           "OneLineParser", "OpenAFFError", "one_line", "run_command"]
 
 
 class OpenAFFError(Exception):
@@ -53,3 +55,24 @@ def run_command(prog: str, fn: Callable[[], int | None]) -> int:
     except OpenAFFError as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``openaff train: error: ...``, exit status 2.
+
+    argparse would print the whole usage first (dozens of lines for ``openaff train``), burying
+    the one line that says what is wrong; ``--help`` still shows it all.
+    """
+
+    commands: argparse._SubParsersAction | None = None
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201  (argparse's signature)
+        # Unknown flags are found after the sub-command has parsed its own: blame that sub-command.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            sub = self.commands.choices.get(getattr(parsed, "command", None)) if self.commands else None
+            (sub or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
