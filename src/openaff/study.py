@@ -60,6 +60,7 @@ from .training.config import TrainConfig, make_config, to_yaml
 from .training.datasets import DATASET_STATS, resolve_source
 from .training.history import write_csv
 from .training.resume import RESUMABLE, load_resume_checkpoint
+from .training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
 from .training.tasks import task_for_model
 from .training.train import RUN_FILES, fresh_run_folder, train
 
@@ -442,46 +443,19 @@ def _facts_of(model: str, kwargs: dict, num_classes: int, in_chans: int, size: i
 
 # --- run folders -----------------------------------------------------------------------------------------------
 
-def _read_metrics(folder: Path) -> list[dict]:
-    path = folder / "metrics.csv"
-    if not path.is_file():
-        return []
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise StudyError(f"cannot read {path}: {err}") from None
-    out = []
-    for r in rows:
-        out.append({k: (float(v) if v not in (None, "") and k != "epoch" else v) for k, v in r.items()})
-        out[-1]["epoch"] = int(r["epoch"])
-    return out
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise StudyError(f"cannot read {path}: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise StudyError(f"{path} is not a run configuration")
-    return data
-
-
 def _differences(old: dict, new: dict, ignore: set[str]) -> list[str]:
     return [k for k in dict.fromkeys([*new, *old]) if k not in ignore and old.get(k) != new.get(k)]
 
 
 def _check_cell_config(cell: Cell) -> None:
     """Refuse a run folder that holds another configuration than the one the study asks for it."""
-    path = cell.folder / "config.yaml"
-    if not path.is_file():
+    if not (cell.folder / CONFIG_FILE).is_file():
         held = [n for n in RUN_FILES if (cell.folder / n).exists()]
         if held:
             raise StudyError(f"{cell.folder} holds {', '.join(held)} but no config.yaml: not a run of this study; "
                              "move it away")
         return
-    old, new = _read_yaml(path), _yaml_data(cell.cfg)
+    old, new = read_run_config(cell.folder), _yaml_data(cell.cfg)
     diff = _differences(old, new, _IGNORED)
     if diff:
         k = diff[0]
@@ -495,7 +469,7 @@ def _cell_state(cell: Cell) -> str:
     if not cell.folder.is_dir() or not any(cell.folder.iterdir()):
         return "new"
     _check_cell_config(cell)
-    if len(_read_metrics(cell.folder)) >= cell.cfg.epochs:
+    if len(read_run_metrics(cell.folder)) >= cell.cfg.epochs:
         return "finished"
     if (cell.folder / "last.pt").is_file():
         ckpt = load_resume_checkpoint(cell.folder)
@@ -512,7 +486,7 @@ def _record(fusion: str, depth: int, seed: int, folder: Path, metric: str, epoch
     rec = RunRecord(fusion, depth, seed, str(folder), "missing", epochs)
     if facts is not None:
         rec.params, rec.gmacs = facts
-    rows = [r for r in _read_metrics(folder) if isinstance(r.get(metric), float)]
+    rows = [r for r in read_run_metrics(folder) if isinstance(r.get(metric), float)]
     if not rows:
         rec.status = "unfinished" if folder.is_dir() and any(folder.iterdir()) else "missing"
         return rec
@@ -936,11 +910,11 @@ def _facts_from_folder(folder: Path) -> tuple[int, float] | None:
     """Parameters and GMACs from a run's config.json (timm's hub layout) and config.yaml."""
     try:
         hub = json.loads((folder / "config.json").read_text())
-        cfg = _read_yaml(folder / "config.yaml")
+        cfg = read_run_config(folder)
         size = hub["pretrained_cfg"]["input_size"]
         return _model_facts(cfg["model"], json.dumps(cfg.get("model_kwargs") or {}, sort_keys=True),
                             int(hub["num_classes"]), int(size[0]), int(size[-1]))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, StudyError, RuntimeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, OpenAFFError, RuntimeError):
         return None
 
 

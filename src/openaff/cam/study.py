@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..machine import cpu_name
+from ..training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
 from .baselines import BASELINES
 from .faithfulness import ROAD_PERCENTILES
 from .gradcam import _cam_class, _save, gradcam_grid
@@ -54,29 +55,6 @@ class StudyScore:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise DataError(f"cannot read {path}: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a run configuration")
-    return data
-
-
-def _metrics(folder: Path) -> list[dict]:
-    path = folder / "metrics.csv"
-    if not path.is_file():
-        return []
-    try:
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {path}: {err}") from None
-
-
 def _fusion_of(cfg: dict) -> str:
     fusion = (cfg.get("model_kwargs") or {}).get("fusion")
     if fusion:
@@ -104,12 +82,11 @@ def _study_runs(study: Path) -> tuple[list[dict], list[str], list[str]]:
             order = []
     runs, skipped = [], []
     for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        cfg_path = folder / "config.yaml"
-        if not cfg_path.is_file():
+        if not (folder / CONFIG_FILE).is_file():
             skipped.append(f"{folder.name}: no config.yaml (not started)")
             continue
-        cfg = _read_yaml(cfg_path)
-        rows = _metrics(folder)
+        cfg = read_run_config(folder)
+        rows = read_run_metrics(folder)
         epochs = int(cfg.get("epochs") or 0)
         if len(rows) < epochs:
             skipped.append(f"{folder.name}: unfinished ({len(rows)} of {epochs} epochs)")
@@ -120,7 +97,7 @@ def _study_runs(study: Path) -> tuple[list[dict], list[str], list[str]]:
         if cfg.get("data") != "fashion-mnist-scenes":
             raise ConfigError(f"{folder} was trained on {cfg.get('data')!r}; the localisation score needs "
                               "fashion-mnist-scenes (the scenes' boxes)")
-        val = [float(r["val_top1"]) for r in rows if r.get("val_top1") not in (None, "")]
+        val = [r["val_top1"] for r in rows if isinstance(r.get("val_top1"), float)]
         runs.append(dict(run=folder.name, folder=folder, fusion=_fusion_of(cfg),
                          b=int((cfg.get("model_kwargs") or {}).get("b") or 0) or None, seed=int(cfg.get("seed") or 0),
                          model=str(cfg.get("model")), canvas=int(cfg.get("img_size") or 64),

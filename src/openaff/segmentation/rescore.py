@@ -42,6 +42,7 @@ from ..stats import paired_contrast
 from ..training.datasets import FASHION_MNIST_DIR
 from ..training.distributed import DistInfo
 from ..training.loader import EvalSampler, make_loader
+from ..training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
 from ..training.scenes import FashionMNISTScenes
 from .data import SceneMasks, SegmentationPipeline, seg_collate
 from .object_scores import size_columns
@@ -92,29 +93,18 @@ def score_run(folder: str | Path, *, split: str = "test", limit: int | None = No
     res = SEGMENT.evaluate(net.to(dev), loader, pipe, DistInfo(device=dev), amp=amp, progress=False,
                            num_classes=net.num_classes)
     epoch = meta.get("epoch")
-    rows = _metrics_rows(folder)
-    miou_recorded = next((r["val_miou"] for r in rows if r.get("epoch") == epoch and "val_miou" in r), None)
+    rows = read_run_metrics(folder)
+    miou_recorded = next((r["val_miou"] for r in rows if r.get("epoch") == epoch and r.get("val_miou") is not None),
+                         None)
     out = {k.removeprefix("val_"): v for k, v in res.items() if k.startswith("val_") and k != "val_loss"}
     return dict(**out, by_size=res["by_size"], images=res["images"], architecture=info["architecture"],
                 fusion=(info.get("model_args") or {}).get("fusion", getattr(net, "fusion", None)), epoch=epoch,
                 miou_recorded=miou_recorded)
 
 
-def _metrics_rows(folder: Path) -> list[dict]:
-    path = folder / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v not in ("", None)}
-                for r in csv.DictReader(f)]
-
-
 def _seed_of(folder: Path) -> int | None:
-    import yaml
-
-    cfg = folder / "config.yaml"
-    if cfg.is_file():
-        seed = (yaml.safe_load(cfg.read_text()) or {}).get("seed")
+    if (folder / CONFIG_FILE).is_file():
+        seed = read_run_config(folder).get("seed")
         if isinstance(seed, int):
             return seed
     tail = folder.name.rsplit("-s", 1)
