@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
-from .errors import ConfigError, OneLineParser, OpenAFFError, run_command
-from .files import atomic_write, check_output_file
+from .errors import ConfigError, OneLineParser, run_command
+from .files import check_output_file, write_output_file
 from .machine import cpu_name
 
 __all__ = ["BenchResult", "BenchSettings", "add_parser", "main", "markdown_table", "run_bench"]
@@ -801,14 +801,11 @@ def _run(args: argparse.Namespace) -> int:
     settings = BenchSettings.from_args(args)
     doc = run_bench(settings, command=settings.command_line(args.json))
     print(doc["markdown"])
-    for path, text in ((args.json, json.dumps(doc, indent=1) + "\n"), (md_path, doc["markdown"])):
-        if path is None:
-            continue
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f, text=text: f.write(text.encode()))
-        except OSError as err:  # checked before the run; the place changed meanwhile (the table is printed above)
-            raise OpenAFFError(f"cannot write {path}: {err.strerror or err}") from None
+    # Checked before the run; should the place have changed meanwhile, the table is printed above.
+    for flag, path, text in (("--json", args.json, json.dumps(doc, indent=1) + "\n"),
+                             ("--markdown", md_path, doc["markdown"])):
+        if path is not None:
+            write_output_file(path, text, flag)
     failed = [r for r in doc["results"] if r["error"]]
     return 1 if failed else 0
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, OpenAFFError, one_line, run_command
-from .files import check_output_file, current_umask
+from .files import check_output_file, current_umask, write_output_file
 from .hub import resolve_model
 from .photos import LUMA, PHOTOS, per_channel, photo
 
@@ -436,12 +436,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .training.config import parse_kv
+    from .training.config import parse_model_kwargs
 
-    try:
-        model_kwargs = dict(parse_kv(t) for t in args.model_kwargs)
-    except argparse.ArgumentTypeError as err:
-        raise ConfigError(f"--model-kwargs: {err}") from None
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
+    if args.json:  # before minutes of exporting
+        check_output_file(args.json, "--json", example="export.json")
     res = export_model(args.model, args.output, format=args.format, weights=args.weights,
                        model_kwargs=model_kwargs, fold_bn=args.fold_bn,
                        input_size=tuple(args.input_size) if args.input_size else None, batch=args.batch,
@@ -450,8 +449,5 @@ def _run(args: argparse.Namespace) -> int:
     print(summary(res), flush=True)
     if args.json:
         doc: dict[str, Any] = {**asdict(res), "max_abs_error": res.max_abs_error}
-        try:
-            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-        except OSError as err:
-            raise ConfigError(f"--json {args.json}: {err.strerror or err}") from None
+        write_output_file(args.json, json.dumps(doc, indent=1) + "\n", "--json")
     return 0

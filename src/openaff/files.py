@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["atomic_write", "check_output_file", "check_output_folder", "current_umask", "file_format",
-           "load_torch_file", "load_weights", "probe_folder", "save_weights"]
+           "load_torch_file", "load_weights", "probe_folder", "save_weights", "write_output_file"]
 
 
 def current_umask() -> int:
@@ -83,6 +83,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_output_file(path: str | Path, text: str, flag: str) -> None:
+    """Write a command's output file (``--json``, ``--markdown``) atomically, creating its folder.
+
+    Args:
+        path: the file.
+        text: its content.
+        flag: the option that named it, for the message.
+
+    Raises:
+        ConfigError: ``cannot write <flag> <path>: <reason>``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as err:
+        raise ConfigError(f"cannot write {flag} {path}: {err.strerror or err}") from None
 
 
 def probe_folder(folder: str | Path) -> None:

@@ -54,9 +54,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError, run_command
+from ..photos import PHOTOS
+from ..training.config import parse_model_kwargs
 from .attention import attention_maps
 from .gradcam import METHODS, gradcam_grid
-from .images import PHOTOS, Sample, load_images, photo_samples, scene_samples
+from .images import Sample, load_images, photo_samples, scene_samples
 from .models import load_model
 from .study import SCENE_SETS, score_study, study_markdown
 
@@ -85,15 +87,6 @@ def _indices(text: str) -> list[int]:
     if not out:
         raise ConfigError("--indices: no index given")
     return out
-
-
-def _model_kwargs(items: list[str]) -> dict:
-    from ..training.config import parse_kv
-
-    try:
-        return dict(parse_kv(t) for t in items)
-    except argparse.ArgumentTypeError as err:
-        raise ConfigError(f"--model-kwargs: {err}") from None
 
 
 def _samples_from_args(args: argparse.Namespace, canvas: int | None) -> list[Sample]:
@@ -143,7 +136,7 @@ def _run_cam(args: argparse.Namespace) -> int:
     if args.weights is not None and len(args.weights) != len(args.models):
         raise ConfigError(f"--weights: {len(args.weights)} sources for {len(args.models)} models "
                           "(one per model, 'none' for random weights)")
-    kwargs = _model_kwargs(args.model_kwargs)
+    kwargs = parse_model_kwargs(args.model_kwargs)
     titles = [t.strip() for t in args.titles.split(",")] if args.titles else None
     cms = [load_model(m, None if args.weights is None or args.weights[j] == "none" else args.weights[j],
                       model_kwargs=kwargs, img_size=args.img_size, target_layer=args.target_layer,
@@ -163,7 +156,7 @@ def _run_cam(args: argparse.Namespace) -> int:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    kwargs = _model_kwargs(args.model_kwargs)
+    kwargs = parse_model_kwargs(args.model_kwargs)
     cm = load_model(args.model, None if args.weights in (None, "none") else args.weights, model_kwargs=kwargs,
                     img_size=args.img_size)
     args.images = [args.image] if args.image else []

@@ -22,7 +22,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import Field, asdict, dataclass, field, fields
 from functools import cache
 from importlib import resources
@@ -36,7 +36,7 @@ from .schedules import SCHEDULES
 from .tasks import task_for_model
 
 __all__ = ["TrainConfig", "add_config_arguments", "config_from_args", "load_recipe", "make_config", "parse_kv",
-           "recipe_names", "to_yaml"]
+           "parse_model_kwargs", "recipe_names", "to_yaml"]
 
 
 def _f(default: Any, help: str, **kwargs) -> Any:  # noqa: A002  (mirrors argparse)
@@ -421,6 +421,18 @@ def parse_kv(text: str) -> tuple[str, Any]:
         return key, _yaml(value)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"the value of {key} is not valid YAML: {value!r}") from None
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``--model-kwargs KEY=VALUE ...`` as ``timm.create_model`` keywords (values read as YAML).
+
+    Raises:
+        ConfigError: an item that is not ``KEY=VALUE`` or whose value is not YAML, naming the flag.
+    """
+    try:
+        return dict(parse_kv(t) for t in items)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(f"--model-kwargs: {err}") from None
 
 
 def _from_text(text: str, tp: Any) -> Any:

@@ -36,10 +36,10 @@ import torch
 
 from ..cpu_memory import apply_cpu_alloc
 from ..errors import CheckpointError, ConfigError, DataError, run_command
-from ..files import atomic_write, check_output_file
+from ..files import check_output_file, write_output_file
 from ..hub import read_source
 from . import distributed
-from .config import make_config, parse_kv
+from .config import make_config, parse_model_kwargs
 from .data import build_data
 from .datasets import DATA_KINDS, DATASET_STATS, SCENES_CANVAS, check_limit, resolve_source
 from .factory import create_model
@@ -344,10 +344,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``openaff eval``'s work from its parsed arguments (also ``openaff segment eval``'s); the exit status."""
-    try:
-        model_kwargs = dict(parse_kv(t) for t in args.model_kwargs)
-    except argparse.ArgumentTypeError as err:
-        raise ConfigError(f"--model-kwargs: {err}") from None
+    model_kwargs = parse_model_kwargs(args.model_kwargs)
     if args.json is not None:  # before the evaluation spends any time
         check_output_file(args.json, "--json", example="eval.json")
 
@@ -366,9 +363,5 @@ def run_from_args(args: argparse.Namespace) -> int:
     for line in get_task(res["task"]).eval_lines(res, skipped):
         print(line)
     if args.json:
-        text = json.dumps(res, indent=1) + "\n"
-        try:
-            atomic_write(args.json, lambda f: f.write(text.encode()))
-        except OSError as err:
-            raise ConfigError(f"cannot write --json {args.json}: {err.strerror or err}") from None
+        write_output_file(args.json, json.dumps(res, indent=1) + "\n", "--json")
     return 0
