@@ -546,3 +546,13 @@ def test_bad_input_is_one_clear_line(argv, expected, bad_files, capsys, tmp_path
     assert line.startswith(prog), line
     assert re.search(expected, line), line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_python_m_openaff_cam_is_the_cam_command(capsys) -> None:
+    from openaff.cam.__main__ import main as cam_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cam_main(["aff_cifar_resnet8", "--nosuch"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("openaff cam: error: unrecognized arguments: --nosuch"), err

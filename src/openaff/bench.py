@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
-from .errors import ConfigError, OneLineParser, run_command
+from .errors import ConfigError, run_alone, run_command
 from .files import check_output_file, write_output_file
 from .machine import cpu_name
 
@@ -812,11 +812,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``openaff bench`` without the ``openaff`` front end (``python -m openaff.bench ...``)."""
-    parser = OneLineParser(prog="openaff")
-    parser.commands = parser.add_subparsers(dest="command")
-    add_parser(parser.commands)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run_alone("bench", add_parser, argv)
 
 
 if __name__ == "__main__":

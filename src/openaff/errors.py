@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 __all__ = ["CheckpointError", "ConfigError", "CorruptImageError", "DataError", "NonFiniteLossError",
-           "OneLineParser", "OpenAFFError", "one_line", "run_command"]
+           "OneLineParser", "OpenAFFError", "one_line", "run_alone", "run_command"]
 
 
 class OpenAFFError(Exception):
@@ -76,3 +76,21 @@ class OneLineParser(argparse.ArgumentParser):
             sub = self.commands.choices.get(getattr(parsed, "command", None)) if self.commands else None
             (sub or self).error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
+
+
+def run_alone(command: str, add_parser: Callable[[argparse._SubParsersAction], None],
+              argv: list[str] | None = None) -> int:
+    """``openaff COMMAND ARGS`` without the ``openaff`` front end (``python -m openaff.bench``, ``openaff.cam``).
+
+    The same parser, one-line messages and exit status as through ``openaff``, with only ``command``'s module.
+
+    Args:
+        command: the sub-command's name.
+        add_parser: its module's ``add_parser(subparsers)``.
+        argv: the arguments after the command (default: ``sys.argv[1:]``).
+    """
+    parser = OneLineParser(prog="openaff")
+    parser.commands = parser.add_subparsers(dest="command")
+    add_parser(parser.commands)
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
