@@ -20,6 +20,7 @@ import yaml
 from _train_utils import env, run_cli, write_cifar, write_fashion_mnist
 
 import openaff.study as study
+import openaff.study.grid as study_grid  # run_study trains through study_grid.train
 import openaff.training.train as train_mod
 from openaff.layers import fusion_names
 from openaff.study import StudyError, paper_number, run_study, summarize
@@ -106,7 +107,7 @@ def test_rerun_trains_nothing_and_summarize_reaggregates(grid, files, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(study, "train", no_training)
+    monkeypatch.setattr(study_grid, "train", no_training)
     again = run_study(out, fusions="add,aff", depths="1", seeds=2, data=files["data"], recipe=files["recipe"], **TINY)
     assert again.trained == [] and again.cells == grid.cells
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
@@ -138,13 +139,13 @@ def test_interrupted_run_is_resumed_exactly(files, tmp_path, monkeypatch):
     assert len(metrics(cell)) == 1 and (cell / "last.pt").is_file()
     monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
     calls = []
-    real_train = study.train
+    real_train = study_grid.train
 
     def spy(cfg, **kwargs):
         calls.append(kwargs)
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(study, "train", spy)
+    monkeypatch.setattr(study_grid, "train", spy)
     result = run_study(f"runs/{out.name}", **args)
     assert calls == [dict(resume=Path(f"runs/{out.name}/runs/aff-b1-s0"))] and result.trained == ["aff-b1-s0"]
     straight = run_study(tmp_path / "straight", **args)
@@ -155,7 +156,7 @@ def test_interrupted_run_is_resumed_exactly(files, tmp_path, monkeypatch):
 
 
 def test_changed_configuration_is_refused(grid, files, tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "train", None)  # nothing may train
+    monkeypatch.setattr(study_grid, "train", None)  # nothing may train
     common = dict(fusions="add,aff", depths="1", seeds=2, data=files["data"], recipe=files["recipe"], **TINY)
     with pytest.raises(StudyError, match=r"holds a study with epochs=1, not 2; only fusion types, depths and seeds"):
         run_study(grid.output, **{**common, "epochs": 2})
@@ -219,7 +220,7 @@ def test_same_layer_uses_the_inception_family_and_a_missing_family_is_one_line(f
         seen.append(cfg)
         raise StudyError("stopped by the test")
 
-    monkeypatch.setattr(study, "train", stop)
+    monkeypatch.setattr(study_grid, "train", stop)
     argv = ["study", "--scenario", "same-layer", "--fusions", "aff", "--depths", "2", "--seeds", "1", "--recipe",
             files["recipe"], "--data", files["data"], "--output", str(tmp_path / "s"), "--no-progress"]
     rc, _, err = run_cli(argv, capsys)
@@ -260,7 +261,7 @@ def test_cifar100_defaults_to_coarse_labels(tmp_path, monkeypatch):
         seen.append(cfg)
         raise StudyError("stopped by the test")
 
-    monkeypatch.setattr(study, "train", stop)
+    monkeypatch.setattr(study_grid, "train", stop)
     with pytest.raises(StudyError, match="stopped by the test"):
         run_study(tmp_path / "s", fusions="add", depths="1", seeds=1, data=f"cifar100:{tmp_path / 'c100'}",
                   recipe="study-cpu", width_mult=0.125, progress=False)
@@ -303,8 +304,8 @@ def test_study_killed_outright_takes_its_runs_along_and_resumes(files, tmp_path,
     first = metrics(cell)
     assert len(first) == 1 and (cell / "last.pt").is_file()
     calls = []
-    real_train = study.train
-    monkeypatch.setattr(study, "train", lambda cfg, **kw: calls.append(kw) or real_train(cfg, **kw))
+    real_train = study_grid.train
+    monkeypatch.setattr(study_grid, "train", lambda cfg, **kw: calls.append(kw) or real_train(cfg, **kw))
     run_study(out, fusions="aff", depths="1", seeds=1, data=f"fashion-mnist:{data}", recipe=files["recipe"],
               epochs=2, limit_val=64, threads=1, progress=False)
     assert calls == [dict(resume=cell)]

@@ -19,7 +19,7 @@ import yaml
 from _train_utils import ROOT, env, write_fashion_mnist
 
 from openaff.study import Cell, StudyError, run_study
-from openaff.study_launcher import CellJob, make_launcher
+from openaff.study.launcher import CellJob, make_launcher
 from openaff.training.config import make_config
 
 pytest.importorskip("submitit")  # the `cluster` extra (make install installs it)

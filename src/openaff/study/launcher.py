@@ -35,8 +35,9 @@ from typing import Any
 
 import yaml
 
-from . import study
-from .files import atomic_write
+from ..files import atomic_write
+from .runs import Cell, _cell_state, _child_error, _spawn, _stop_children
+from .scenarios import StudyError
 
 __all__ = ["LAUNCHERS", "CellJob", "Launcher", "make_launcher", "parse_launcher_config"]
 
@@ -64,20 +65,20 @@ def parse_launcher_config(config: str | dict | None) -> dict:
         try:
             data = yaml.safe_load(path.read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise study.StudyError(f"--launcher-config {config}: {' '.join(str(err).split())}") from None
+            raise StudyError(f"--launcher-config {config}: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
-            raise study.StudyError(f"--launcher-config {config}: not a mapping of option: value")
+            raise StudyError(f"--launcher-config {config}: not a mapping of option: value")
         return data
     out = {}
     for item in config.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise study.StudyError(f"--launcher-config must be a YAML file or KEY=VALUE,KEY=VALUE, got {config!r} "
+            raise StudyError(f"--launcher-config must be a YAML file or KEY=VALUE,KEY=VALUE, got {config!r} "
                                    "(no such file either)")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise study.StudyError(f"--launcher-config: cannot read the value of {key.strip()}: {value!r}") from None
+            raise StudyError(f"--launcher-config: cannot read the value of {key.strip()}: {value!r}") from None
     return out
 
 
@@ -111,7 +112,7 @@ class Launcher:
                 ex = submitit.LocalExecutor(folder=folder)
             ex.update_parameters(**self.options)
         except (ValueError, TypeError, RuntimeError) as err:
-            raise study.StudyError(f"--launcher {self.name}: {str(err).splitlines()[0]}") from None
+            raise StudyError(f"--launcher {self.name}: {str(err).splitlines()[0]}") from None
         return ex
 
     def alive(self, job: Any, folder: Path, found: bool = False) -> bool:
@@ -153,20 +154,20 @@ def make_launcher(name: str | None, config: str | dict | None, jobs: int) -> Lau
     """
     name = name or "local"
     if name not in LAUNCHERS:
-        raise study.StudyError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {name!r}")
+        raise StudyError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {name!r}")
     options = parse_launcher_config(config)
     if name == "local":
         if options:
-            raise study.StudyError("--launcher-config is for --launcher slurm or submitit-local, not the local pool")
+            raise StudyError("--launcher-config is for --launcher slurm or submitit-local, not the local pool")
         return None
     if name == "slurm":
         import submitit
 
         if submitit.SlurmExecutor.affinity() < 0:
-            raise study.StudyError("--launcher slurm: no srun on this machine (run the study on a Slurm cluster's "
+            raise StudyError("--launcher slurm: no srun on this machine (run the study on a Slurm cluster's "
                                    "login node)")
         if jobs != 1:
-            raise study.StudyError("--jobs is for the local launchers; with --launcher slurm set array_parallelism in "
+            raise StudyError("--jobs is for the local launchers; with --launcher slurm set array_parallelism in "
                                    "--launcher-config")
         valid = {*submitit.SlurmExecutor._valid_parameters(), *_CONSTRUCTOR}
         constructor = {k: options.pop(k) for k in _CONSTRUCTOR if k in options}
@@ -183,12 +184,12 @@ def make_launcher(name: str | None, config: str | dict | None, jobs: int) -> Lau
         launcher.given = config
     bad = sorted(set(options) - valid - set(_CONSTRUCTOR))
     if bad:
-        raise study.StudyError(f"--launcher-config: unknown option(s) {', '.join(bad)} for --launcher {name}; valid: "
+        raise StudyError(f"--launcher-config: unknown option(s) {', '.join(bad)} for --launcher {name}; valid: "
                                f"{', '.join(sorted(valid))}")
     return launcher
 
 
-def _threads(launcher: Launcher, cell: study.Cell) -> study.Cell:
+def _threads(launcher: Launcher, cell: Cell) -> Cell:
     """A Slurm run uses the CPUs of its task (``cpus_per_task``) unless ``--threads`` said otherwise."""
     cpus = launcher.options.get("cpus_per_task")
     if launcher.name == "slurm" and cell.cfg.threads is None and isinstance(cpus, int):
@@ -220,28 +221,28 @@ class CellJob:
         log: the run's log (``OUT/logs/<run>.log``), which the training process appends to.
     """
 
-    def __init__(self, cell: study.Cell, log: Path) -> None:
+    def __init__(self, cell: Cell, log: Path) -> None:
         self.cell, self.log = cell, log
         self._proc: subprocess.Popen | None = None
 
     def __call__(self) -> str:
         with _hold(self.log.with_suffix(".lock")):
-            state = study._cell_state(self.cell)
+            state = _cell_state(self.cell)
             if state == "finished":  # trained by an earlier job of this study meanwhile
                 return state
-            self._proc = study._spawn(self.cell, state, self.log)
+            self._proc = _spawn(self.cell, state, self.log)
             try:
                 rc = self._proc.wait()
             except BaseException:  # cancelled (SIGINT) or requeued: the run stops at its last checkpoint
                 self._stop()
                 raise
             if rc != 0:
-                raise study._child_error(self.cell, rc, self.log)
+                raise _child_error(self.cell, rc, self.log)
             return state
 
     def _stop(self, grace: float = 60.0) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            study._stop_children({self._proc: self.cell}, grace)
+            _stop_children({self._proc: self.cell}, grace)
 
     def checkpoint(self) -> Any:
         """Called by submitit on time-out or preemption, before it requeues the job: the requeued job resumes."""
@@ -262,8 +263,8 @@ def _read_jobs(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def run_cells(launcher: Launcher, todo: list[tuple[study.Cell, str]], out: Path,
-              on_done: Callable[[study.Cell], None]) -> None:
+def run_cells(launcher: Launcher, todo: list[tuple[Cell, str]], out: Path,
+              on_done: Callable[[Cell], None]) -> None:
     """Train ``todo`` as submitit jobs, calling ``on_done(cell)`` as each run finishes; the study's process pool
     for ``--launcher slurm`` and ``submitit-local``.
 
@@ -281,8 +282,8 @@ def run_cells(launcher: Launcher, todo: list[tuple[study.Cell, str]], out: Path,
     jobs_file = folder / "jobs.json"
     recorded = _read_jobs(jobs_file)
     job_class = submitit.SlurmJob if launcher.name == "slurm" else submitit.LocalJob
-    queue: list[study.Cell] = []
-    watching: dict[str, tuple[study.Cell, Any]] = {}
+    queue: list[Cell] = []
+    watching: dict[str, tuple[Cell, Any]] = {}
     for cell, _ in todo:
         rec = recorded.get(cell.name) or {}
         if rec.get("launcher") == launcher.name and rec.get("job_id"):
@@ -291,7 +292,7 @@ def run_cells(launcher: Launcher, todo: list[tuple[study.Cell, str]], out: Path,
                 watching[cell.name] = cell, job
                 continue
         queue.append(cell)
-    failure: study.StudyError | None = None
+    failure: StudyError | None = None
     try:
         while queue or watching:
             room = len(queue) if launcher.parallel is None else launcher.parallel - len(watching)
@@ -309,7 +310,7 @@ def run_cells(launcher: Launcher, todo: list[tuple[study.Cell, str]], out: Path,
                 if launcher.alive(job, folder):
                     continue
                 del watching[name]
-                if study._cell_state(cell) == "finished":
+                if _cell_state(cell) == "finished":
                     on_done(cell)
                 elif failure is None:
                     failure = _job_error(cell, job, out / "logs" / f"{cell.name}.log")
@@ -328,9 +329,9 @@ def run_cells(launcher: Launcher, todo: list[tuple[study.Cell, str]], out: Path,
         raise
 
 
-def _job_error(cell: study.Cell, job: Any, log: Path) -> study.StudyError:
+def _job_error(cell: Cell, job: Any, log: Path) -> StudyError:
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     if any(ln.startswith("openaff train: error: ") for ln in lines):  # the run said why
-        return study._child_error(cell, 1, log)
-    return study.StudyError(f"run {cell.name}: job {job.job_id} ended without finishing it (log: {log}; the job's: "
+        return _child_error(cell, 1, log)
+    return StudyError(f"run {cell.name}: job {job.job_id} ended without finishing it (log: {log}; the job's: "
                             f"{job.paths.stderr})")
