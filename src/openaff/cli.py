@@ -24,7 +24,7 @@ COMMANDS = {
     "eval": "openaff.training.evaluate",
     "bench": "openaff.bench",
     "export": "openaff.export",
-    "study": "openaff.study",
+    "study": "openaff.study.cli",
     "cam": "openaff.cam",
     "attention": "openaff.cam",
     "segment": "openaff.segmentation.cli",

@@ -14,6 +14,8 @@ import torch
 
 from ..errors import ConfigError, CorruptImageError, DataError
 from ..photos import IMAGE_SUFFIXES, PHOTOS, photo
+from ..training.datasets import FASHION_MNIST_DIR
+from ..training.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes
 from .models import CamModel
 
 __all__ = ["IMAGE_SUFFIXES", "PHOTOS", "Sample", "load_images", "photo_samples", "scene_samples"]
@@ -113,9 +115,6 @@ def scene_samples(indices: Sequence[int], *, canvas: int = 64, split: str = "val
         DataError: no Fashion-MNIST data, or an index out of range.
         ConfigError: a bad canvas, split or seed.
     """
-    from ..training.datasets import FASHION_MNIST_DIR
-    from ..training.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes
-
     extra = {} if clutter is None else dict(clutter=tuple(clutter))
     scenes = FashionMNISTScenes(data_dir if data_dir is not None else FASHION_MNIST_DIR, split, canvas, seed, **extra)
     idx = [int(i) for i in indices]

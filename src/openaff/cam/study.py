@@ -20,7 +20,9 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..machine import cpu_name
+from ..training.datasets import FASHION_MNIST_DIR
 from ..training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
+from ..training.scenes import FashionMNISTScenes
 from .baselines import BASELINES
 from .faithfulness import ROAD_PERCENTILES
 from .gradcam import _cam_class, _save, gradcam_grid
@@ -201,9 +203,6 @@ def score_study(study: str | Path, output: str | Path | None = None, *, limit: i
     if len(canvases) > 1:
         raise ConfigError(f"the runs of {study} use different canvas sizes {canvases}; score them separately")
     canvas, data_dir = canvases[0], runs[0]["data_dir"]
-    from ..training.datasets import FASHION_MNIST_DIR
-    from ..training.scenes import FashionMNISTScenes
-
     sides = FashionMNISTScenes(data_dir if data_dir is not None else FASHION_MNIST_DIR, split, canvas).sides
     edges = size_bins(sides[0], sides[1], bins)
     scenes = {s: scene_samples(range(limit), canvas=canvas, split=split, data_dir=data_dir, clutter=SCENE_SETS[s])

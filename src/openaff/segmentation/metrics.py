@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write
+
 __all__ = ["IGNORE_INDEX", "class_iou_table", "confusion_matrix", "scores", "write_class_iou_csv"]
 
 IGNORE_INDEX = 255  # VOC's "void": borders and unlabelled pixels
@@ -88,8 +90,6 @@ def class_iou_table(class_iou: Sequence[float], names: Sequence[str]) -> str:
 
 def write_class_iou_csv(history: Sequence[dict], names: Sequence[str], path: str | Path) -> None:
     """``class_iou.csv``: one row per epoch, one column per class (empty: absent class)."""
-    from ..files import atomic_write
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["epoch", *names])

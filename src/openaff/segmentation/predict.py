@@ -21,8 +21,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from ..hub import load_pretrained
 from ..photos import IMAGE_SUFFIXES
-from .data import VOC_CLASSES, voc_palette
+from ..training.config import make_config
+from .data import VOC_CLASSES, load_segmentation_data, voc_palette
 from .metrics import IGNORE_INDEX, confusion_matrix, scores
 
 __all__ = ["IMAGE_SUFFIXES", "colorize", "overlay", "predict", "save_grid"]
@@ -117,9 +119,6 @@ def _folder_images(folder: Path, in_chans: int, n: int) -> list[tuple[str, np.nd
 
 def _val_samples(info: dict, data: str | None, data_dir: str | None, n: int, start: int
                  ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[str]]:
-    from ..training.config import make_config
-    from .data import load_segmentation_data
-
     meta = info.get("metadata") or {}
     data = data or meta.get("data")
     if data is None:
@@ -165,9 +164,6 @@ def predict(weights: str | Path, output: str | Path, *, images: str | Path | Non
         ``grid``, ``overlays`` (paths), ``images`` (count), ``title`` (the grid's) and, with ground truth, ``miou`` and
         ``pixel_acc`` of these images (%).
     """
-    from ..hub import load_pretrained
-    from . import fpn  # noqa: F401  (registers the segmenters)
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"--n must be a positive number of images, got {n!r}")
     if threads:

@@ -30,7 +30,6 @@ names the metrics.csv column it reads: ``same-layer`` (Inception-style cells,
 a segmentation recipe, e.g. ``--recipe segment-cpu``) reads ``val_miou``.
 """
 
-from .cli import add_parser
 from .grid import run_study
 from .paper import PAPER, TABLE_FUSIONS, paper_number
 from .report import DEFAULT_CONTRASTS, StudyResult, plot_study, resolve_contrasts, study_markdown, summarize
@@ -38,5 +37,5 @@ from .runs import Cell, RunRecord
 from .scenarios import SCENARIOS, Family, Scenario, StudyError, register_scenario, split_fusion_spec
 
 __all__ = ["DEFAULT_CONTRASTS", "PAPER", "SCENARIOS", "TABLE_FUSIONS", "Cell", "Family", "RunRecord", "Scenario",
-           "StudyError", "StudyResult", "add_parser", "paper_number", "plot_study", "register_scenario",
+           "StudyError", "StudyResult", "paper_number", "plot_study", "register_scenario",
            "resolve_contrasts", "run_study", "split_fusion_spec", "study_markdown", "summarize"]

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .scenes import boxes_from_masks  # scenes imports datasets; loader stays free of both at import
+
 __all__ = ["PCA_EIGVAL", "PCA_EIGVEC", "BatchPipeline", "EvalSampler", "TrainSampler", "collate", "lighting_shift",
            "make_loader", "seed_key"]
 
@@ -181,8 +183,6 @@ class BatchPipeline:
             masks: ``B x H x W`` label masks of the batch.
             key: the key the images were augmented with.
         """
-        from .scenes import boxes_from_masks  # scenes imports datasets; loader stays free of both at import
-
         m = masks.to(self.device, non_blocking=True).unsqueeze(1)
         if self.crop_padding or self.hflip:
             g = torch.Generator(device=self.device).manual_seed(seed_key(self.seed, *key))
