@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TIMM_TESTS := $(VENV)/timm-tests
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test lint bench models clean dist
 
-install: $(STAMP) $(FMNIST)
+install: $(STAMP) $(FMNIST) $(TIMM_TESTS)/tests/test_models.py
 
 $(FMNIST):
 	$(APT) update -qq
@@ -24,6 +25,16 @@ $(STAMP): pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,cam,onnx,seg,cluster]'
+	touch $@
+
+# timm's own model tests, from the sdist of the installed timm (tests/test_timm_models.py runs them on our models).
+$(TIMM_TESTS)/tests/test_models.py: $(STAMP)
+	rm -rf $(TIMM_TESTS) && mkdir -p $(TIMM_TESTS)
+	v=$$($(BIN)/python -c 'import timm; print(timm.__version__)') && \
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps -d $(TIMM_TESTS) "timm==$$v" && \
+	tar -xzf $(TIMM_TESTS)/timm-$$v.tar.gz -C $(TIMM_TESTS) --strip-components=1 \
+		timm-$$v/tests timm-$$v/pyproject.toml timm-$$v/PKG-INFO && \
+	rm $(TIMM_TESTS)/timm-$$v.tar.gz
 	touch $@
 
 demo: install

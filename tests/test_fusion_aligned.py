@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _nd_utils import as_2d_input, as_2d_state, randomize_nd
-from test_fusion import reference
+from test_fusion import assert_fx_is_eager, reference
 from torch.fx._symbolic_trace import PH
 
 from openaff.layers import AFF, AlignedFusion, MultiInputAFF, Projection, create_fusion
@@ -119,10 +119,14 @@ def test_aligned_fusion_traces_and_exports():  # compiled in test_fusion_multi, 
     x, y = torch.randn(2, 16, 3, 3, dtype=torch.float64), torch.randn(2, 8, 6, 6, dtype=torch.float64)
     m.eval()
     want = m(x, y)
-    traced = torch.fx.symbolic_trace(m, concrete_args=(PH, PH))
-    torch.testing.assert_close(traced(x, y), want, rtol=1e-12, atol=1e-12)
-    # The traced graph resizes at run time: another size works too.
+    traced = assert_fx_is_eager(m, x, y, concrete_args=(PH, PH))
+    # The traced graph resizes at run time: another size works too, bit for bit.
     x2, y2 = torch.randn(1, 16, 2, 2, dtype=torch.float64), torch.randn(1, 8, 5, 5, dtype=torch.float64)
-    torch.testing.assert_close(traced(x2, y2), m(x2, y2), rtol=1e-12, atol=1e-12)
+    assert torch.equal(traced(x2, y2), m(x2, y2))
+    # In 3-D, three inputs, float32.
+    m3 = create_fusion("iaff", 8, 2, in_channels=(16, 8, 4), dims=3)
+    randomize_nd(m3)
+    assert_fx_is_eager(m3, torch.randn(2, 16, 2, 2, 2), torch.randn(2, 8, 4, 4, 4), torch.randn(2, 4, 4, 4, 4),
+                       concrete_args=(PH,) * 3)
     exported = torch.export.export(m, (x, y))
     torch.testing.assert_close(exported.module()(x, y), want, rtol=1e-12, atol=1e-12)

@@ -1,12 +1,14 @@
 """1-D and 3-D fusion (issue 21): every fusion type and MSCAM with ``dims=1`` / ``dims=3`` against the written-out
-formulas of test_fusion (through the 2-D equivalent input: every op is pointwise or global over the positions)."""
+formulas of test_fusion (through the 2-D equivalent input: every op is pointwise or global over the positions);
+FX graphs of every type give the eager bits, and every type exports to ONNX (onnxruntime gives its outputs)."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from _nd_utils import as_2d_input, as_2d_state, randomize_nd
-from test_fusion import CASE_IDS, CASES, reference, reference_mscam
+from test_fusion import CASE_IDS, CASES, assert_fx_is_eager, reference, reference_mscam
 
 from openaff.layers import (
     MSCAM,
@@ -163,9 +165,57 @@ def test_1d_module_scripts_exports_and_traces():  # compiled in test_fusion_mult
     x, y = torch.randn(2, 8, 6, dtype=torch.float64), torch.randn(2, 8, 6, dtype=torch.float64)
     m.eval()
     want = m(x, y)
-    traced = torch.fx.symbolic_trace(m)
-    torch.testing.assert_close(traced(x, y), want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(torch.fx.symbolic_trace(m)(x, y), want)
     scripted = torch.jit.script(m)
     torch.testing.assert_close(scripted(x, y), want, rtol=1e-12, atol=1e-12)
     exported = torch.export.export(m, (x, y))
     torch.testing.assert_close(exported.module()(x, y), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("name, options", CASES, ids=CASE_IDS)
+def test_every_type_in_1d_and_3d_traces_bit_for_bit(name, options, dims):
+    m = create_fusion(name, 8, r=2, dims=dims, **options)  # float32, where two roundings would show
+    randomize_nd(m)
+    assert_fx_is_eager(m, torch.randn(*SHAPES[dims]), torch.randn(*SHAPES[dims]))
+
+
+# Every fusion type once (short skip) and the same-layer AFF and iAFF, whose attention and blend differ.
+EVERY_TYPE = [case for i, case in enumerate(CASES) if case[0] not in {n for n, _ in CASES[:i]}] + [
+    ("aff", dict(scenario="same-layer")), ("iaff", dict(scenario="same-layer"))]
+
+
+class EveryType(torch.nn.Module):
+    """Every fusion type (:data:`EVERY_TYPE`) in 1-D and in 3-D in one module: one export or compilation for all
+    of them (tests/test_fusion_multi.py compiles it)."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.fusions = torch.nn.ModuleList(create_fusion(name, channels, 2, dims=dims, **options)
+                                           for name, options in EVERY_TYPE for dims in (1, 3))
+
+    def forward(self, x1: torch.Tensor, y1: torch.Tensor, x3: torch.Tensor, y3: torch.Tensor) -> list[torch.Tensor]:
+        return [fuse(x1, y1) if fuse.dims == 1 else fuse(x3, y3) for fuse in self.fusions]
+
+    @staticmethod
+    def inputs(batch: int = 2) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(batch, 4, 7), torch.randn(batch, 4, 7), torch.randn(batch, 4, 3, 2, 4),
+                torch.randn(batch, 4, 3, 2, 4))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_every_type_in_1d_and_3d_exports_to_onnx(dynamo, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    m = EveryType().eval()
+    randomize_nd(m)
+    xs = EveryType.inputs()
+    path = tmp_path / "every_type.onnx"
+    torch.onnx.export(m, xs, path, dynamo=dynamo, opset_version=18 if dynamo else 17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), xs, strict=True)})
+    with torch.no_grad():
+        want = m(*xs)
+    assert len(got) == len(want) == 2 * len(EVERY_TYPE)
+    for g, w, (name, _) in zip(got, want, [c for c in EVERY_TYPE for _ in (1, 3)], strict=True):
+        assert w.std() > 0.1 and np.abs(g - w.numpy()).max() < 1e-5, name

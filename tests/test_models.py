@@ -190,3 +190,83 @@ def test_add_fusion_is_bit_identical_to_resnet50d(training):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+# --- the pre-activation ResNet's input BN: no parameters; earlier versions' files still load ---------------------
+
+def _earlier_layout(model: torch.nn.Module, weight: float = 1.0, bias: float = 0.0) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as earlier versions wrote it: the input BN's frozen weight (1) and bias (0) included."""
+    sd = model.state_dict()
+    c = model.input_norm.num_features
+    return {**sd, "input_norm.weight": torch.full((c,), weight), "input_norm.bias": torch.full((c,), bias)}
+
+
+def _calibrated(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, width_mult=0.25, **kwargs)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 16, 16) * 2 + 1)  # running statistics away from 0 and 1
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["aff_cifar_resnet8", "cifar_inception_resnet8"])
+def test_input_bn_holds_no_parameters(name):
+    model = timm.create_model(name, width_mult=0.25)
+    assert not model.input_norm.affine and not list(model.input_norm.parameters())
+    assert [n for n, _ in model.input_norm.named_buffers()] == ["running_mean", "running_var", "num_batches_tracked"]
+    model.train()(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # timm's test_model_backward
+
+
+def test_earlier_weight_files_load(tmp_path):
+    from openaff import hub
+    from openaff.files import save_weights
+
+    model = _calibrated("aff_cifar_resnet8")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    old = _earlier_layout(model)
+    # load_state_dict (resume, evaluation, train.py), also under a wrapper's prefix (EMA, DDP: "module.")
+    fresh = timm.create_model("aff_cifar_resnet8", width_mult=0.25).eval()
+    fresh.load_state_dict(old)
+    wrapped = torch.nn.Sequential(timm.create_model("aff_cifar_resnet8", width_mult=0.25)).eval()
+    wrapped.load_state_dict({f"0.{k}": v for k, v in old.items()})
+    # a model folder (timm's local-dir:, openaff.hub.load_pretrained) and a plain safetensors file
+    cfg = model.pretrained_cfg
+    hub.save_pretrained(model, tmp_path / "run", architecture="aff_cifar_resnet8", model_args=dict(width_mult=0.25),
+                        input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"])
+    save_weights(tmp_path / "run" / hub.WEIGHTS_NAME, old, {})
+    save_weights(tmp_path / "old.safetensors", old, {})
+    loaded = [fresh, wrapped, timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True).eval(),
+              hub.load_pretrained(tmp_path / "run")[0],
+              hub.load_pretrained(tmp_path / "old.safetensors", model="aff_cifar_resnet8",
+                                  model_kwargs=dict(width_mult=0.25))[0]]
+    with torch.no_grad():
+        for net in loaded:
+            assert torch.equal(net(x), want)
+
+
+@pytest.mark.parametrize("weight, bias, message", [
+    (0.5, 0.0, "input_norm.weight is not 1 everywhere ([0.5, 0.5, 0.5]), but the input BatchNorm has no scale"),
+    (1.0, 0.1, "input_norm.bias is not 0 everywhere ([0.1"),
+])
+def test_earlier_files_with_a_scale_or_shift_are_refused(weight, bias, message, tmp_path):
+    from openaff import hub
+    from openaff.errors import CheckpointError
+    from openaff.files import save_weights
+
+    model = _calibrated("aff_cifar_resnet8")
+    old = _earlier_layout(model, weight, bias)
+    with pytest.raises(CheckpointError) as err:
+        timm.create_model("aff_cifar_resnet8", width_mult=0.25).load_state_dict(old)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    save_weights(tmp_path / "old.safetensors", old, {})
+    with pytest.raises(CheckpointError, match="input_norm"):
+        hub.load_pretrained(tmp_path / "old.safetensors", model="aff_cifar_resnet8", model_kwargs=dict(width_mult=0.25))
+    if bias:  # the shift a converted MXNet file may hold: input_shift=True keeps it, as MXNet applies it
+        assert "build the model with input_shift=True" in str(err.value)
+        shifted = timm.create_model("aff_cifar_resnet8", width_mult=0.25, input_shift=True).eval()
+        shifted.load_state_dict(old)
+        assert torch.equal(shifted.input_norm.bias, old["input_norm.bias"])
+        assert not shifted.input_norm.weight.requires_grad and not shifted.input_norm.bias.requires_grad

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from _nd_utils import as_2d_input, as_2d_state, randomize_nd
-from test_fusion import reference_mscam
+from test_fusion import assert_fx_is_eager, reference_mscam
 from timm.layers import get_attn
 
 from openaff.layers import MSCAM, MSCAMAttention
@@ -96,8 +96,11 @@ def test_attention_traces_scripts_and_exports():  # compiled in test_fusion_mult
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
     m.eval()
     want = m(x)
-    for other in (torch.fx.symbolic_trace(m), torch.export.export(m, (x,)).module()):
-        torch.testing.assert_close(other(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), want, rtol=1e-12, atol=1e-12)
+    for dims in (1, 2, 3):  # FX: the eager bits, float32
+        one = MSCAMAttention(8, r=2, dims=dims)
+        randomize_nd(one)
+        assert_fx_is_eager(one, torch.randn(2, 8, *(4,) * dims))
     with pytest.warns(FutureWarning):
         scripted = torch.jit.script(m)
     torch.testing.assert_close(scripted(x), want, rtol=1e-12, atol=1e-12)

@@ -237,7 +237,11 @@ def _load_strict(net: nn.Module, sd: dict[str, torch.Tensor], source: str, name:
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in sd.items()}
     if expected != found:
-        raise CheckpointError(f"the weights in {source} do not fit {name}: {_diff(expected, found)}")
+        try:  # an earlier layout that the model's load_state_dict pre-hooks upgrade, or a misfit
+            net.load_state_dict(sd, strict=True)
+            return
+        except RuntimeError:
+            raise CheckpointError(f"the weights in {source} do not fit {name}: {_diff(expected, found)}") from None
     net.load_state_dict(sd, strict=True)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "recompute_context",
     "set_fusion_kernels",
     "set_fusion_recompute",
+    "weighted_blend",
 ]
 
 
@@ -170,6 +171,26 @@ def attention_blend(x: torch.Tensor, y: torch.Tensor, local: torch.Tensor, glob:
         w = attention_weight(local, glob)
     out = torch.lerp(y, x, w, out=w) if w.shape == x.shape else torch.lerp(y, x, broadcast_operand(w, x))
     return out.mul_(scale) if scale != 1.0 else out
+
+
+def weighted_blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * lerp(y, x, w)`` (``scale * (x * w + y * (1 - w))``) in the inputs' common dtype, with ordinary ops.
+
+    :func:`attention_blend`'s arithmetic on a weight ``w = sigmoid(L + G)`` formed beforehand, in the same order
+    (the weight, one ``lerp``, the scale), so it gives the fused blend's bits: what the fusions' ``formula``
+    (FX graphs, TorchScript, ``torch.jit.trace``) computes. Scriptable, and a leaf of FX graphs.
+
+    Args:
+        x: the input weighted by ``w``.
+        y: the input weighted by ``1 - w``.
+        w: the weight, broadcastable to ``x``.
+        scale: constant factor of the result.
+    """
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), w.dtype)
+    out = torch.lerp(y.to(dtype), x.to(dtype), w.to(dtype))
+    if scale != 1.0:
+        out = out * scale
+    return out
 
 
 # --- compiled blend kernels for eager models --------------------------------------------------

@@ -43,9 +43,13 @@ With ``recompute = True`` (see :func:`openaff.layers.fused_ops.set_fusion_recomp
 training mode keeps only its inputs and runs its MS-CAMs again in the backward pass.
 
 Scripting, tracing and export: under ``torch.jit.script``, FX symbolic tracing and ``torch.jit.trace``
-(the legacy ONNX exporter) every module computes its ``formula`` (the equations above with ordinary
-ops; see :mod:`openaff.layers.tracing`), which gives the fast path's numbers up to rounding.
-``torch.compile`` and ``torch.export`` keep the fast path.
+(the legacy ONNX exporter) every module computes its ``formula``: the fast path's arithmetic with ordinary
+ops (``w = sigmoid(L + G)``, then :func:`~openaff.layers.fused_ops.weighted_blend`, ``scale · lerp(y, x, w)``),
+see :mod:`openaff.layers.tracing`. Under FX the MS-CAM branches (and their on-the-fly BatchNorm folding) are
+leaves of the graph and the blend a leaf function, so a traced fusion gives the eager module's bits in
+evaluation and in training, and its attention weight is a node of the graph (``<fusion>.sigmoid``). TorchScript
+and ``torch.jit.trace`` run the branches unfolded: the same numbers up to rounding. ``torch.compile`` and
+``torch.export`` keep the fast path.
 """
 
 from __future__ import annotations
@@ -55,12 +59,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused_ops import attention_blend, fusion_recompute, recompute_context
+from .fused_ops import attention_blend, fusion_recompute, recompute_context, weighted_blend
 from .mscam import CONTEXT_BATCH_NORMS, CONVS, MSCAM, check_dims, shape_name
-from .tracing import is_tracing
+from .tracing import is_traced
+
+# A leaf of FX graphs: the graph calls it, and it casts to the inputs' common dtype when the graph runs.
+torch.fx.wrap("weighted_blend")
 
 __all__ = [
     "AFF",
@@ -247,7 +255,8 @@ def bad_inputs(xs: tuple[torch.Tensor, ...], channels: int, dims: int) -> None:
 
 def _blend(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # x·w + y·(1 − w) as y + w·(x − y): one product fewer, and the gradient with respect to w is
-    # g·(x − y), formed from the difference as in the fused path.
+    # g·(x − y), formed from the difference as in the fused path. The Table 6 variants blend so in
+    # eager PyTorch too; AFF, iAFF and recursive AFF use weighted_blend, their fused blend's arithmetic.
     return y + w * (x - y)
 
 
@@ -257,7 +266,7 @@ class _AttentionFusion(nn.Module):
     ``recompute`` (default :func:`openaff.layers.fused_ops.fusion_recompute`) makes a module in
     training mode keep only its inputs for the backward pass and run ``_fuse`` again there.
     TorchScript, FX symbolic tracing and ``torch.jit.trace`` (legacy ONNX export) get
-    :meth:`formula` instead: the same numbers from ordinary ops, no checks in Python.
+    :meth:`formula` instead: the same arithmetic from ordinary ops (FX: the same bits), no checks in Python.
 
     Args:
         channels: channels of both inputs.
@@ -283,12 +292,12 @@ class _AttentionFusion(nn.Module):
         raise NotImplementedError
 
     def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The fusion's equation written out with ordinary ops (no fused kernels, no checks)."""
+        """The fusion's equation with ordinary ops, in the fast path's order (no fused kernels, no checks)."""
         return self._fuse(x, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # TorchScript resolves is_scripting() statically and never compiles the else branch.
-        if torch.jit.is_scripting() or is_tracing():
+        if torch.jit.is_scripting() or is_traced(x):
             return self.formula(x, y)
         else:
             _check_pair(x, y, self.channels, self._ndim)
@@ -395,8 +404,8 @@ class AFF(_SoftSelection):
         """``w = M(x + y)``; ``2·x·w + 2·y·(1 − w)`` (same layer: ``y·w + x·(1 − w)``), written out."""
         w = self.mscam.formula(x + y)
         if self.same_layer:
-            return _blend(y, x, w)
-        return 2 * _blend(x, y, w)
+            return weighted_blend(y, x, w)
+        return weighted_blend(x, y, w, 2.0)
 
 
 @register_fusion("aff_global_global")
@@ -456,8 +465,8 @@ class IAFF(_SoftSelection):
         (same layer: ``x`` and ``y`` exchanged)."""
         if self.same_layer:
             x, y = y, x
-        z = _blend(x, y, self.mscam1.formula(x + y))
-        return _blend(x, y, self.mscam2.formula(z))
+        z = weighted_blend(x, y, self.mscam1.formula(x + y))
+        return weighted_blend(x, y, self.mscam2.formula(z))
 
 
 @register_fusion("concat")
@@ -491,7 +500,7 @@ class ConcatFusion(nn.Module):
         self.proj = nn.Sequential(*layers, CONVS[dims](2 * channels, channels, 1, bias=True))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not is_tracing():
+        if not torch.jit.is_scripting() and not is_traced(x):
             _check_pair(x, y, self.channels, self._ndim)
         return self.proj(torch.cat([x, y], dim=1))
 
@@ -645,7 +654,7 @@ class RecursiveAFF(_AttentionFusion):
 
     def formula(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``l, g = Lr(x + y), Gr(x + y)``; ``w2 = M2(l + g)``; ``w = sigmoid(l·w2 + g·(1 − w2))``;
-        ``x·w + y·(1 − w)``, written out."""
+        ``x·w + y·(1 − w)``, written out (the sigmoid's argument as the fast path forms it, ``w2·(l − g) + g``)."""
         loc, glob = self.mscam1.branch_logits(x + y)
         w2 = self.mscam2.formula(loc + glob)
-        return _blend(x, y, torch.sigmoid(loc * w2 + glob * (1 - w2)))
+        return weighted_blend(x, y, torch.sigmoid(w2 * (loc - glob) + glob))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mscam import CONTEXT_BATCH_NORMS, CONVS, check_dims, shape_name
-from .tracing import is_tracing
+from .tracing import is_traced
 
 __all__ = ["RESIZE_MODES", "AlignedFusion", "Projection"]
 
@@ -127,7 +127,7 @@ class AlignedFusion(nn.Module):
 
     def align(self, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """The inputs projected to ``channels`` and resized to one size (what :attr:`fuse` receives)."""
-        if not is_tracing():
+        if not (xs and is_traced(xs[0])):
             self._check(xs)
         size = _finest_size(xs) if self.size_from is None else xs[self.size_from].shape[2:]
         out = []

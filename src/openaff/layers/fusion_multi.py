@@ -17,8 +17,8 @@ same-layer scenario the two-input modules give the weight to ``y`` and have no f
 is then the one with logit 0 and the factor is 1, so ``k = 2`` is that module too.
 
 Other fusion types have no k-input form: ``create_fusion(name, C, r, inputs=k)`` says so in one line.
-TorchScript cannot compile a ``forward(*inputs)``; FX, ``torch.jit.trace``, ``torch.compile`` and
-``torch.export`` work as for the two-input modules.
+TorchScript cannot compile a ``forward(*inputs)``; FX (the same bits as eager), ``torch.jit.trace``,
+``torch.compile`` and ``torch.export`` work as for the two-input modules.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import operator
 import torch
 
 from .fusion import MULTI_INPUT, _AttentionFusion, bad_inputs, check_scenario
-from .tracing import is_tracing
+from .tracing import is_traced
 
 __all__ = ["MultiInputAFF", "MultiInputIAFF", "soft_select"]
 
@@ -80,13 +80,14 @@ class _MultiInputSoftSelection(_AttentionFusion):
         return soft_select(logits[0] + logits[1], xs, scale, self.same_layer)
 
     def formula(self, *xs: torch.Tensor) -> torch.Tensor:
-        return self._fuse(*xs, written_out=True)
+        """:meth:`_fuse` itself: ordinary ops throughout (under FX the MS-CAM branches are leaves), no checks."""
+        return self._fuse(*xs)
 
-    def _fuse(self, *xs: torch.Tensor, written_out: bool = False) -> torch.Tensor:
+    def _fuse(self, *xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        if is_tracing():
+        if xs and is_traced(xs[0]):
             return self.formula(*xs)
         if len(xs) != self.inputs:
             raise ValueError(f"{type(self).__name__} was built for {self.inputs} inputs, got {len(xs)}; build it with "
@@ -110,10 +111,9 @@ class MultiInputAFF(_MultiInputSoftSelection):
 
     fusion_name = "aff"
 
-    def _fuse(self, *xs: torch.Tensor, written_out: bool = False) -> torch.Tensor:
+    def _fuse(self, *xs: torch.Tensor) -> torch.Tensor:
         total = functools.reduce(operator.add, xs)
-        logits = self.mscam.branch_logits(total) if written_out else self.mscam.logits(total)
-        return self._select(logits, xs, 1.0 if self.same_layer else float(len(xs)))
+        return self._select(self.mscam.logits(total), xs, 1.0 if self.same_layer else float(len(xs)))
 
 
 class MultiInputIAFF(_MultiInputSoftSelection):
@@ -127,11 +127,10 @@ class MultiInputIAFF(_MultiInputSoftSelection):
     fusion_name = "iaff"
     _mscams = ("mscam1", "mscam2")
 
-    def _fuse(self, *xs: torch.Tensor, written_out: bool = False) -> torch.Tensor:
-        m1, m2 = self.mscam1, self.mscam2
+    def _fuse(self, *xs: torch.Tensor) -> torch.Tensor:
         total = functools.reduce(operator.add, xs)
-        z = self._select(m1.branch_logits(total) if written_out else m1.logits(total), xs, 1.0)
-        return self._select(m2.branch_logits(z) if written_out else m2.logits(z), xs, 1.0)
+        z = self._select(self.mscam1.logits(total), xs, 1.0)
+        return self._select(self.mscam2.logits(z), xs, 1.0)
 
 
 MULTI_INPUT.update(aff=MultiInputAFF, iaff=MultiInputIAFF)

@@ -15,10 +15,12 @@ combination (Half-AFF, Concat-AFF); :meth:`MSCAM.logits` gives the branch output
 sigmoid (recursive AFF).
 
 Speed: the fusion modules call :meth:`MSCAM.logits` and blend with the fused ops of
-:mod:`openaff.layers.fused_ops`, so the sigmoid and the blend never materialise term by term;
-:func:`openaff.inference.fuse_for_inference` folds the branches' BatchNorms into their convolutions.
+:mod:`openaff.layers.fused_ops`, so the sigmoid and the blend never materialise term by term. Each branch
+is a :class:`ContextBranch`, which in evaluation without autograd folds its BatchNorms into its
+convolutions on the fly; :func:`openaff.inference.fuse_for_inference` folds them once and for all.
 Every op keeps the input's memory format (channels_last stays channels_last). Scripted and traced
-models compute :meth:`MSCAM.formula` instead (see :mod:`openaff.layers.tracing`).
+models compute :meth:`MSCAM.formula` instead, with the same ops (see :mod:`openaff.layers.tracing`): under
+FX the branches are leaves of the graph, so a traced MS-CAM gives the eager one's bits.
 
 Rank: ``dims=1, 2, 3`` builds the same module with ``Conv1d/2d/3d``, :class:`ContextBatchNorm1d/2d/3d` and
 global pooling of that rank, for ``B x C x L`` (audio, sequences), ``B x C x H x W`` (the default) and
@@ -36,11 +38,11 @@ from torch import nn
 from .bn_fold import bn_scale_shift
 from .channels_last_norm import channels_last_batch_norm, use_channels_last_batch_norm
 from .fused_ops import attention_weight, is_recomputing
-from .tracing import is_tracing
+from .tracing import fx_leaf, is_traced, is_tracing
 
 __all__ = ["BRANCH_KINDS", "COMBINES", "DIMS", "LAYER_FORMS", "MSCAM", "ContextBatchNorm1d", "ContextBatchNorm2d",
-           "ContextBatchNorm3d", "GlobalAvgPool1d", "GlobalAvgPool2d", "GlobalAvgPool3d", "check_dims",
-           "context_batch_norm"]
+           "ContextBatchNorm3d", "ContextBranch", "GlobalAvgPool1d", "GlobalAvgPool2d", "GlobalAvgPool3d",
+           "check_dims", "context_batch_norm"]
 
 # Spatial ranks the layers are built for: B x C x L, B x C x H x W, B x C x D x H x W.
 DIMS = (1, 2, 3)
@@ -114,10 +116,10 @@ class _ContextBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stats = self.training and self.track_running_stats
         if not torch.jit.is_scripting():  # a separate `if`: TorchScript then skips the block statically
-            if isinstance(x, torch.fx.Proxy):
-                # Being traced through (FX only treats torch.nn's own classes as leaves): record this
-                # module as a leaf, so the graph calls it, in whatever mode it is in then.
-                return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
+            # A leaf of every FX graph, which then calls this forward in whatever mode the module is in.
+            node = fx_leaf(self, x)
+            if node is not None:
+                return node
             if (self.training and use_channels_last_batch_norm(x) and not torch.compiler.is_compiling()
                     and not is_tracing()):
                 return self._channels_last_forward(x, stats)
@@ -207,7 +209,7 @@ class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
         super().__init__(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or is_tracing():
+        if torch.jit.is_scripting() or is_traced(x):
             return F.adaptive_avg_pool2d(x, self.output_size)
         else:
             if (x.requires_grad and torch.is_grad_enabled() and x.dim() == 4 and not x.is_contiguous()
@@ -238,7 +240,7 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm  # every BatchNorm with running sta
 
 
 def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottleneck", relu_out: bool = False,
-                    dims: int = 2, out_channels: int | None = None) -> nn.Sequential:
+                    dims: int = 2, out_channels: int | None = None) -> ContextBranch:
     """One context branch: ``[GAP] -> Conv1x1 -> BN [-> ReLU -> Conv1x1 -> BN] [-> ReLU]``.
 
     ``form`` "bottleneck" is §1's ``C -> C/r -> C`` stack, "single" the study code's ``Conv1x1(C -> C) -> BN``,
@@ -258,7 +260,7 @@ def _context_branch(channels: int, inter: int, pool: bool, form: str = "bottlene
             layers += [conv(inter, out, 1, bias=True), norm(out)]
     if relu_out and form != "half":
         layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    return ContextBranch(*layers)
 
 
 def _folded(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,6 +341,31 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
     return x[:, :, None, None] if spatial == 2 else x.view(*x.shape, *(1,) * spatial)
 
 
+class ContextBranch(nn.Sequential):
+    """One context branch of an MS-CAM (or its concatenating projection): an ``nn.Sequential`` that folds.
+
+    In evaluation without autograd it runs :func:`_branch_eval`, its BatchNorms folded into its convolutions on
+    the fly (the same modules, parameters and statistics; the rounding differs from the unfolded stack in the last
+    bits); otherwise, and for TorchScript and ``torch.jit.trace``, the modules one after the other. Under FX it is
+    one ``call_module`` node (:func:`~openaff.layers.tracing.fx_leaf`): the graph decides when it runs, as eager
+    does, so a traced MS-CAM gives the eager one's bits. The indices are the authors' weight names.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # a separate `if`: TorchScript then skips the block statically
+            if isinstance(x, torch.fx.Proxy):
+                node = fx_leaf(self, x)
+                if node is not None:
+                    return node
+            elif not self.training and not torch.is_grad_enabled() and not is_tracing():
+                folded = _branch_eval(self, x)
+                if folded is not None:
+                    return folded
+        for module in self:
+            x = module(x)
+        return x
+
+
 BRANCH_KINDS = ("local", "global")
 LAYER_FORMS = ("bottleneck", "single", "half")
 COMBINES = ("add", "concat")
@@ -414,24 +441,26 @@ class MSCAM(nn.Module):
         self._first, self._second = names
         if combine == "concat":
             width = 2 * (inter if layers == "half" else channels)
-            self.fuse_att = nn.Sequential(CONVS[dims](width, out, 1, bias=True), CONTEXT_BATCH_NORMS[dims](out))
+            self.fuse_att = ContextBranch(CONVS[dims](width, out, 1, bias=True), CONTEXT_BATCH_NORMS[dims](out))
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two branch outputs before the sigmoid, e.g. ``(L(x), G(x))``: ``B x C x H x W`` or ``B x C x 1 x 1``
         (``out_channels`` instead of ``C``; other ranks alike).
 
         With ``combine="add"``, ``M(x) = sigmoid(sum)``; the fusion modules fuse that sum and sigmoid into
-        their blend. In evaluation without autograd the branches' BatchNorms are folded on the fly.
+        their blend. In evaluation without autograd the branches fold their BatchNorms on the fly
+        (:class:`ContextBranch`).
         """
         first, second = self._modules[self._first], self._modules[self._second]
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy):
+            # The branches' own folding, called directly: one module call fewer per branch on every pass.
             a = None if first.training else _branch_eval(first, x)
             b = None if second.training else _branch_eval(second, x)
             return first(x) if a is None else a, second(x) if b is None else b
         return first(x), second(x)
 
     def branch_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`logits` written out (what scripted and traced models compute)."""
+        """:meth:`logits` in a form TorchScript compiles (what scripted and traced models call)."""
         # hasattr on a module is resolved when TorchScript compiles, so only the branch that exists is compiled.
         if hasattr(self, "local_att2"):
             return self.local_att(x), self.local_att2(x)
@@ -440,20 +469,16 @@ class MSCAM(nn.Module):
         return self.local_att(x), self.global_att(x)
 
     def formula(self, x: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(A(x) + B(x))`` (or the concatenating form) written out: what scripted and traced models compute."""
+        """``sigmoid(A(x) + B(x))`` (or the concatenating form) with ordinary ops: what scripted and traced models
+        compute (the same numbers as :meth:`forward`; under FX the same bits, the branches being leaves)."""
         a, b = self.branch_logits(x)
         if hasattr(self, "fuse_att"):
             return torch.sigmoid(self.fuse_att(torch.cat([a, b.expand_as(a)], 1)))
         return torch.sigmoid(a + b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or is_tracing():
+        if torch.jit.is_scripting() or is_traced(x) or self.combine != "add":
+            # The concatenating form has nothing to fuse: its projection folds itself (ContextBranch).
             return self.formula(x)
         else:
-            if self.combine == "add":
-                return attention_weight(*self.logits(x))
-            a, b = self.logits(x)
-            z = torch.cat([a, b.expand_as(a)], 1)
-            proj = self.fuse_att
-            folded = None if proj.training or torch.is_grad_enabled() else _branch_eval(proj, z)
-            return torch.sigmoid(proj(z) if folded is None else folded)
+            return attention_weight(*self.logits(x))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .mscam import MSCAM, check_dims, shape_name
-from .tracing import is_tracing
+from .tracing import is_traced
 
 __all__ = ["MSCAMAttention"]
 
@@ -57,7 +57,7 @@ class MSCAMAttention(nn.Module):
             self.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not is_tracing():
+        if not torch.jit.is_scripting() and not is_traced(x):
             if x.dim() != self.dims + 2 or x.shape[1] != self.channels:
                 raise ValueError(f"MSCAMAttention expects {shape_name(self.dims, self.channels)} inputs, got "
                                  f"{tuple(x.shape)}")

@@ -1,22 +1,27 @@
 """What the three model families share: input checks, the classifier head and timm's model API.
 
 Every model is scriptable (``torch.jit.script``) and FX-traceable: code that only eager PyTorch
-runs (input checks, gradient checkpointing) sits behind ``torch.jit.is_scripting()``, and the
-fusion layers switch to their written-out formulas (:mod:`openaff.layers.tracing`).
+runs (input checks, gradient checkpointing) sits behind ``torch.jit.is_scripting()``, and under FX
+the fusion layers record the fast path's arithmetic with its folding branches as leaves, so a traced
+model gives the eager one's bits (:mod:`openaff.layers.tracing`).
+
+No postponed annotations here: ``forward`` below is what FX traces, and the graph's placeholders take
+its annotations, which TorchScript must read as types when a traced graph is scripted.
 """
 
-from __future__ import annotations
-
+import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import create_classifier
+from timm.models import build_model_with_cfg
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..layers.fusion import AddFusion, create_fusion
-from ..layers.tracing import is_tracing
+from ..layers.tracing import is_traced, is_tracing
 
 
 def block_fusion(name: str, channels: int, r: int, **options) -> nn.Module:
@@ -45,7 +50,7 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if isinstance(x, torch.Tensor):
         if x.ndim == 4 and not is_tracing() and x.shape[1] == in_chans:
             return
-    if is_tracing():
+    if is_traced(x):
         return
     _bad_image_batch(x, in_chans)
 
@@ -60,6 +65,23 @@ def _bad_image_batch(x: object, in_chans: int) -> None:
         f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
         f"build the model with in_chans={x.shape[1]} or convert the images"
     )
+
+
+def build_model(cls: type[nn.Module], variant: str, pretrained: bool = False, *, device: Any = None,
+                dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    """timm's ``build_model_with_cfg`` with timm's factory keywords: parameters and buffers made on ``device``.
+
+    Args:
+        cls: the model class.
+        variant: the registered name.
+        pretrained: load the configuration's weights.
+        device: where to create the model (e.g. ``"meta"`` for shapes only); None: the default device.
+        dtype: floating-point dtype of the parameters and buffers; None: the default dtype.
+        kwargs: the class's arguments and ``build_model_with_cfg``'s (``feature_cfg``, ``features_only``, ...).
+    """
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(cls, variant, pretrained, **kwargs)
+    return model if dtype is None else model.to(dtype=dtype)
 
 
 def init_weights(model: nn.Module) -> None:
@@ -106,10 +128,10 @@ class ClassifierMixin:
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         self.num_classes = num_classes
-        device = next(self.parameters()).device
+        like = next(self.parameters())  # the new head takes the model's device, dtype and mode
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.global_pool.to(device)
-        self.fc.to(device)
+        for head in (self.global_pool, self.fc):
+            head.to(device=like.device, dtype=like.dtype).train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -9,21 +9,30 @@
 the plain baseline. Every registered name accepts ``fusion=``, ``b=``, ``width_mult=``,
 ``in_chans=``, ``num_classes=`` and ``r=`` to build any other member of the family, e.g.
 ``timm.create_model("aff_cifar_resnet32", in_chans=1, num_classes=10)`` for Fashion-MNIST.
+
+The pre-activation ResNet's input BatchNorm has no scale and no shift (the authors' ``scale=False,
+center=False``): ``nn.BatchNorm2d(in_chans, affine=False)``, running statistics only, no parameters. Weight
+files of earlier versions hold its fixed ``input_norm.weight`` (1) and ``input_norm.bias`` (0): loading drops
+them (:func:`drop_fixed_input_affine`). MXNet applies the stored beta of a ``center=False`` BatchNorm without
+training it; a file whose beta is not 0 (the project's random-weight test files) needs ``input_shift=True``,
+the input BatchNorm with that shift kept (and its scale fixed at 1), as frozen parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._common import ClassifierMixin, block_fusion, check_image_batch, init_weights, make_stages
+from ..errors import CheckpointError
+from ._common import ClassifierMixin, block_fusion, build_model, check_image_batch, init_weights, make_stages
 from .aff_resnet import FusionBottleneck
 
-__all__ = ["AFFCifarPreActResNet", "AFFCifarResNeXt", "PreActBlock"]
+__all__ = ["AFFCifarPreActResNet", "AFFCifarResNeXt", "PreActBlock", "drop_fixed_input_affine"]
 
 
 class PreActBlock(nn.Module):
@@ -76,11 +85,38 @@ def _fusions(fusion: str, fusion_stages: Sequence[int]) -> list[str]:
     return [fusion if i + 1 in fusion_stages else "add" for i in range(3)]
 
 
+def drop_fixed_input_affine(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Remove an earlier version's fixed scale and shift of the input BatchNorm from ``state_dict``, in place.
+
+    ``{prefix}input_norm.weight`` must be 1 and ``{prefix}input_norm.bias`` 0 everywhere (what every model of
+    ours held, frozen); anything else is a CheckpointError naming the tensor and what to do.
+
+    Args:
+        state_dict: a state dict of a pre-activation ResNet (or one with no such keys: unchanged).
+        prefix: the model's prefix in ``state_dict`` (e.g. ``"module."``).
+    """
+    weight, bias = state_dict.get(f"{prefix}input_norm.weight"), state_dict.get(f"{prefix}input_norm.bias")
+    if weight is not None and not bool((weight == 1).all()):
+        raise CheckpointError(f"{prefix}input_norm.weight is not 1 everywhere ({weight.flatten()[:4].tolist()}), but "
+                              "the input BatchNorm has no scale (the authors' scale=False): not weights of this model")
+    if bias is not None and not bool((bias == 0).all()):
+        raise CheckpointError(f"{prefix}input_norm.bias is not 0 everywhere ({bias.flatten()[:4].tolist()}): a "
+                              "shifting input BatchNorm; build the model with input_shift=True")
+    state_dict.pop(f"{prefix}input_norm.weight", None)
+    state_dict.pop(f"{prefix}input_norm.bias", None)
+
+
+def _drop_fixed_input_affine(model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    # load_state_dict's pre-hook: every loading path (timm's pretrained=True, resume, EMA) reads older files.
+    if not model.input_norm.affine:
+        drop_fixed_input_affine(state_dict, prefix)
+
+
 class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
     """Pre-activation ResNet-(6b+2) for small images, with a fusion in every block.
 
-    Input BN without learnable scale and shift (frozen, like the authors' ``scale=False,
-    center=False``), Conv3x3, three stages of ``b`` blocks, BN-ReLU, global pool, classifier.
+    Input BN without scale and shift (the authors' ``scale=False, center=False``: running statistics only, no
+    parameters), Conv3x3, three stages of ``b`` blocks, BN-ReLU, global pool, classifier.
 
     Args:
         b: blocks per stage (depth 6b + 2).
@@ -93,6 +129,8 @@ class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly to this rate over the blocks.
         global_pool: timm pooling type of the head.
+        input_shift: the input BN applies a fixed shift (``input_norm.bias``, frozen, and a scale frozen at 1):
+            for converted MXNet files whose beta is not 0.
     """
 
     stage_names = ("layer1", "layer2", "layer3")
@@ -104,16 +142,19 @@ class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
 
     def __init__(self, b: int = 5, num_classes: int = 100, in_chans: int = 3, width_mult: float = 1.0,
                  fusion: str = "aff", fusion_stages: Sequence[int] = (1, 2, 3), r: int = 4,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg") -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
+                 input_shift: bool = False) -> None:
         super().__init__()
         if b < 1:
             raise ValueError(f"b (blocks per stage) must be >= 1, got {b}")
+        if not isinstance(input_shift, bool):
+            raise ValueError(f"input_shift must be True or False, got {input_shift!r}")
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         widths = _widths(width_mult)
         # Modules are registered in forward order: timm's features_only wrapper runs them in this order.
-        self.input_norm = nn.BatchNorm2d(in_chans)
+        self.input_norm = nn.BatchNorm2d(in_chans, affine=input_shift)
         self.conv1 = self._make_stem(in_chans, widths[0], fusion, r)
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="conv1")]
         stages, info = make_stages(self.block_cls, (b, b, b), widths[0], widths, (1, 2, 2), 1,
@@ -127,8 +168,10 @@ class AFFCifarPreActResNet(ClassifierMixin, nn.Module):
         self.feature_info[-1] = dict(num_chs=widths[-1], reduction=4, module="act_final")
         self._init_head(widths[-1], num_classes, global_pool)
         init_weights(self)
-        self.input_norm.weight.requires_grad_(False)
-        self.input_norm.bias.requires_grad_(False)
+        if input_shift:
+            self.input_norm.weight.requires_grad_(False)
+            self.input_norm.bias.requires_grad_(False)
+        self.register_load_state_dict_pre_hook(_drop_fixed_input_affine)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, str]:
@@ -242,8 +285,7 @@ def _register(name: str, cls: type[nn.Module], defaults: dict, doc: str) -> None
     # The families have 30 members that differ only in numbers, so the entry points are made in a
     # loop rather than written out; each is an ordinary timm entry point.
     def entry(pretrained: bool = False, **kwargs) -> nn.Module:
-        return build_model_with_cfg(cls, name, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                                    **{**defaults, **kwargs})
+        return build_model(cls, name, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **{**defaults, **kwargs})
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = doc

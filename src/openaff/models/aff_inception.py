@@ -1,7 +1,7 @@
 """The same-layer (Inception-style) family of the paper's fusion study, with any fusion type.
 
 ``{fusion}_cifar_inception_resnet{6b+2}`` is the pre-activation ResNet-b of
-:mod:`openaff.models.aff_cifar` (frozen input BN, stem conv, three stages of ``b`` blocks, widths
+:mod:`openaff.models.aff_cifar` (input BN without parameters, stem conv, three stages of ``b`` blocks, widths
 64/128/256 x ``width_mult``, strides 1/2/2, BN-ReLU-pool-classifier, AvgPool+Conv1x1 shortcut where the
 shape changes, no ReLU after a block) in which every 3x3 convolution, the stem's included, is a
 :class:`DilatedPairCell`: two parallel 3x3 convolutions with the same stride, dilation 1 (``X``, the
@@ -26,12 +26,12 @@ import numbers
 
 import torch
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from ..layers import AddFusion
 from ..layers.fusion import fusion_options
-from ._common import block_fusion
+from ._common import block_fusion, build_model
 from .aff_cifar import AFFCifarPreActResNet
 
 __all__ = ["AFFCifarInceptionResNet", "DilatedPairCell", "InceptionPreActBlock"]
@@ -143,6 +143,7 @@ class AFFCifarInceptionResNet(AFFCifarPreActResNet):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, rising linearly to this rate over the blocks.
         global_pool: timm pooling type of the head.
+        input_shift: the input BN applies a fixed shift (see :class:`~openaff.models.aff_cifar.AFFCifarPreActResNet`).
     """
 
     block_cls = InceptionPreActBlock
@@ -152,11 +153,11 @@ class AFFCifarInceptionResNet(AFFCifarPreActResNet):
 
     def __init__(self, b: int = 1, num_classes: int = 100, in_chans: int = 3, width_mult: float = 1.0,
                  fusion: str = "aff", r: int = 4, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 global_pool: str = "avg") -> None:
+                 global_pool: str = "avg", input_shift: bool = False) -> None:
         _check_args(b, width_mult, r, in_chans, num_classes)
         super().__init__(b=b, num_classes=num_classes, in_chans=in_chans, width_mult=width_mult, fusion=fusion,
                          fusion_stages=(1, 2, 3), r=r, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                         global_pool=global_pool)
+                         global_pool=global_pool, input_shift=input_shift)
 
 
 def _cfg(**kwargs) -> dict:
@@ -191,8 +192,8 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name, *_ in _VARIANTS})
 def _register(name: str, defaults: dict, doc: str) -> None:
     # Twelve members that differ only in numbers: entry points made in a loop, as in aff_cifar.
     def entry(pretrained: bool = False, **kwargs) -> nn.Module:
-        return build_model_with_cfg(AFFCifarInceptionResNet, name, pretrained,
-                                    feature_cfg=dict(out_indices=(0, 1, 2, 3)), **{**defaults, **kwargs})
+        return build_model(AFFCifarInceptionResNet, name, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
+                           **{**defaults, **kwargs})
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = doc

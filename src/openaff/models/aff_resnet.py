@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._common import ClassifierMixin, block_fusion, check_image_batch, init_weights, make_stages
+from ._common import ClassifierMixin, block_fusion, build_model, check_image_batch, init_weights, make_stages
 
 __all__ = ["AFFResNet", "FusionBasicBlock", "FusionBottleneck"]
 
@@ -244,7 +244,7 @@ class AFFResNet(ClassifierMixin, nn.Module):
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AFFResNet:
-    return build_model_with_cfg(AFFResNet, variant, pretrained, **kwargs)
+    return build_model(AFFResNet, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

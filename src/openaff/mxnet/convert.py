@@ -9,6 +9,11 @@ The authors' four model families name their weights differently (AFF.md section 
 * small-image pre-activation ResNet (``features.0`` input BN, ``features.1`` conv, ``features.2-4``
   stages, ``features.5`` final BN, ``resfwd.I`` block bodies).
 
+The pre-activation ResNet's input BN is the authors' ``BatchNorm(scale=False, center=False)``; ours has no
+parameters. Its gamma must be 1 (a ConversionError otherwise) and is dropped; MXNet applies its beta without
+training it, so a beta of 0 (the authors' files) is dropped and any other (random-weight test files) converts
+to ``input_shift=True``, the input BN that keeps that shift.
+
 Each family is a short list of regular-expression rewrites. A conversion succeeds only when every key
 of the file lands in exactly one tensor of the model with the same shape and every tensor of the model
 is filled; anything else raises :class:`ConversionError` listing the offending names.
@@ -44,7 +49,7 @@ from ..models.aff_cifar import RESNET_DEPTHS, RESNEXT_DEPTHS
 from .ndarray import MXNetFormatError, load_params
 
 __all__ = ["ConversionError", "MXNetModelSpec", "check_fit", "check_output", "convert_params", "infer_model",
-           "load_lines", "map_names", "to_state_dict"]
+           "load_lines", "map_names", "to_state_dict", "with_input_shift"]
 
 
 class ConversionError(CheckpointError, ValueError):
@@ -208,6 +213,9 @@ def check_fit(shapes: Mapping[str, tuple[int, ...]], model: nn.Module, spec: MXN
     """
     names = map_names(list(shapes), spec.family, spec.fusion)
     target = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    # The input BN's fixed gamma and beta have no place in a model whose input BN has no parameters.
+    names = {k: ours for k, ours in names.items()
+             if not (spec.family == "cifar_resnet" and ours in _FIXED_INPUT_AFFINE and ours not in target)}
     unknown = sorted(k for k, ours in names.items() if ours not in target)
     wrong = sorted(f"{k} {tuple(shapes[k])} -> {ours} {target[ours]}"
                    for k, ours in names.items() if ours in target and tuple(shapes[k]) != target[ours])
@@ -225,15 +233,40 @@ def check_fit(shapes: Mapping[str, tuple[int, ...]], model: nn.Module, spec: MXN
     return names
 
 
+_FIXED_INPUT_AFFINE = ("input_norm.weight", "input_norm.bias")
+
+
+def _input_shift(arrays: Mapping[str, np.ndarray], spec: MXNetModelSpec) -> bool:
+    """Whether the pre-activation ResNet's input BN (``features.0``) has a beta other than 0, its gamma checked to
+    be 1 (False for the other families)."""
+    if spec.family != "cifar_resnet":
+        return False
+    gamma, beta = arrays.get("features.0.gamma"), arrays.get("features.0.beta")
+    if gamma is not None and not np.all(gamma == 1):
+        raise ConversionError("features.0.gamma, the fixed scale of the input BatchNorm (the authors' scale=False), "
+                              f"is not 1 everywhere ({np.ravel(gamma)[:4].tolist()}): not a file of the authors' model")
+    return beta is not None and bool(np.any(beta != 0))
+
+
+def with_input_shift(arrays: Mapping[str, np.ndarray], spec: MXNetModelSpec) -> MXNetModelSpec:
+    """``spec`` with ``input_shift=True`` when the file's input BN has a beta other than 0 (values are read).
+
+    MXNet applies the beta of a ``center=False`` BatchNorm without training it: the authors' files hold 0 there,
+    the project's random-weight test files do not.
+    """
+    if _input_shift(arrays, spec):
+        return MXNetModelSpec(spec.family, spec.fusion, spec.name, {**spec.kwargs, "input_shift": True})
+    return spec
+
+
 def to_state_dict(arrays: Mapping[str, np.ndarray], model: nn.Module, spec: MXNetModelSpec) -> dict[str, torch.Tensor]:
     """The authors' arrays as a complete state dict for ``model``; raises ConversionError on any misfit."""
+    if _input_shift(arrays, spec) and not model.input_norm.affine:
+        raise ConversionError("features.0.beta, the input BatchNorm's fixed shift, is not 0; MXNet applies it: build "
+                              "the model with input_shift=True (convert_params infers it)")
     names = check_fit({k: a.shape for k, a in arrays.items()}, model, spec)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    state = {ours: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(dtypes[ours]) for k, ours in names.items()}
-    if spec.family == "cifar_resnet":
-        # The input BN was built with scale=False: MXNet fixes gamma to 1 whatever the file holds.
-        state["input_norm.weight"] = torch.ones_like(state["input_norm.weight"])
-    return state
+    return {ours: torch.from_numpy(np.ascontiguousarray(arrays[k])).to(dtypes[ours]) for k, ours in names.items()}
 
 
 def _imagenet_labels() -> tuple[list[str], dict[str, str]]:
@@ -366,7 +399,7 @@ def convert_params(src: str | Path, out: str | Path | None = None, model: str | 
     folder, created = check_output(out) if out is not None else (False, [])
     try:
         arrays = load_params(src)
-        spec = _resolve_model(arrays, infer_model(arrays), model, model_kwargs)
+        spec = _resolve_model(arrays, with_input_shift(arrays, infer_model(arrays)), model, model_kwargs)
         try:
             net = timm.create_model(spec.name, **spec.kwargs)
         except (RuntimeError, TypeError, ValueError) as e:
