@@ -13,3 +13,14 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def quick_torchscript():
+    """As timm's tests: TorchScript's profiling executor without its optimisation passes, which cost seconds per
+    model; the tests that script models check numbers, not TorchScript's speed."""
+    executor = torch._C._jit_set_profiling_executor(True)
+    mode = torch._C._jit_set_profiling_mode(False)
+    yield
+    torch._C._jit_set_profiling_executor(executor)
+    torch._C._jit_set_profiling_mode(mode)

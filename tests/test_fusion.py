@@ -21,20 +21,20 @@ from openaff.layers import (
 )
 
 
+def _bn(t, m, training):
+    if training:
+        mean = t.mean(dim=(0, 2, 3), keepdim=True)
+        var = t.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    else:
+        mean, var = m.running_mean.view(1, -1, 1, 1), m.running_var.view(1, -1, 1, 1)
+    return (t - mean) / torch.sqrt(var + m.eps) * m.weight.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1)
+
+
 def _branch(x, seq, offset, training):
     """Conv1x1(bias) -> BN -> ReLU -> Conv1x1(bias) -> BN from the Sequential's modules, by hand."""
     conv1, bn1, conv2, bn2 = seq[offset], seq[offset + 1], seq[offset + 3], seq[offset + 4]
-
-    def bn(t, m):
-        if training:
-            mean = t.mean(dim=(0, 2, 3), keepdim=True)
-            var = t.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        else:
-            mean, var = m.running_mean.view(1, -1, 1, 1), m.running_var.view(1, -1, 1, 1)
-        return (t - mean) / torch.sqrt(var + m.eps) * m.weight.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1)
-
-    t = bn(F.conv2d(x, conv1.weight, conv1.bias), bn1)
-    return bn(F.conv2d(torch.relu(t), conv2.weight, conv2.bias), bn2)
+    t = _bn(F.conv2d(x, conv1.weight, conv1.bias), bn1, training)
+    return _bn(F.conv2d(torch.relu(t), conv2.weight, conv2.bias), bn2, training)
 
 
 def reference_mscam(m: MSCAM, x: torch.Tensor, training: bool = False) -> torch.Tensor:
@@ -45,13 +45,6 @@ def reference_mscam(m: MSCAM, x: torch.Tensor, training: bool = False) -> torch.
 
 # --- AFF.md 4b by hand: the study's zoo, with X the input of smaller receptive field and Y the other ---
 
-def _bn(t, m, training):
-    if training:
-        mean = t.mean(dim=(0, 2, 3), keepdim=True)
-        var = t.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    else:
-        mean, var = m.running_mean.view(1, -1, 1, 1), m.running_var.view(1, -1, 1, 1)
-    return (t - mean) / torch.sqrt(var + m.eps) * m.weight.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1)
 
 
 def _gap(t):

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from _layer_utils import randomize
+from _layer_utils import check_timm_head, randomize
 from test_timm_conformance import ATOL, RTOL, _build, _FirstOutput, _same_training, _timm_fx_model
 from torch import nn
 
@@ -17,21 +17,13 @@ from openaff.layers import create_fusion, fusion_names, register_fusion
 from openaff.layers.fusion import _FUSIONS as fusion_registry
 from openaff.models.aff_inception import DilatedPairCell, InceptionPreActBlock
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("quick_torchscript")]
 
 NAMES = [f"{p}cifar_inception_resnet{d}" for p in ("", "aff_", "iaff_") for d in (8, 14, 20, 26)]
 TINY = dict(width_mult=0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_settings():
-    # As in test_timm_conformance: TorchScript's optimisation passes cost seconds and test nothing
-    # here.
-    executor = torch._C._jit_set_profiling_executor(True)
-    mode = torch._C._jit_set_profiling_mode(False)
-    yield
-    torch._C._jit_set_profiling_executor(executor)
-    torch._C._jit_set_profiling_mode(mode)
 
 
 def _same_layer(name: str, channels: int, r: int = 4) -> nn.Module:
@@ -258,12 +250,7 @@ def test_features_only(in_chans, size):
 def test_timm_api():
     model = timm.create_model("aff_cifar_inception_resnet14", in_chans=1, num_classes=10, **TINY)
     x = torch.randn(2, 1, 28, 28)
-    feats = model.forward_features(x)
-    assert feats.shape == (2, 64, 7, 7)
-    assert model.forward_head(feats, pre_logits=True).shape == (2, 64)
-    assert model.forward_head(feats).shape == (2, 10)
-    model.reset_classifier(3)
-    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+    check_timm_head(model, x, (2, 64, 7, 7), 10)
     assert model.group_matcher()["stem"] == r"^input_norm|conv1"
     # Gradient checkpointing: the same step, the same gradients.
     model.train()

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from _layer_utils import check_timm_head
 
 from openaff.info import list_openaff_models, model_info
 
@@ -101,12 +102,7 @@ def test_features_only(name):
 def test_timm_api():
     model = timm.create_model("aff_cifar_resnet8", num_classes=5, in_chans=1, drop_rate=0.2, drop_path_rate=0.1)
     x = torch.randn(2, 1, 28, 28)
-    feats = model.forward_features(x)
-    assert feats.shape == (2, 256, 7, 7)
-    assert model.forward_head(feats, pre_logits=True).shape == (2, 256)
-    assert model.forward_head(feats).shape == (2, 5)
-    model.reset_classifier(3)
-    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+    check_timm_head(model, x, (2, 256, 7, 7), 5)
     model.set_grad_checkpointing(True)
     model.train()
     model(x).sum().backward()

@@ -15,14 +15,8 @@ from _mxnet_fixtures import CIFAR, COMPACT, COMPACT_FILES, SHARED_FILES, needs_s
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openaff.mxnet import (
-    MXNetFormatError,
-    dump_ndarray_list,
-    load_ndarray_list,
-    load_params,
-    normalize_name,
-    save_ndarray_list,
-)
+from openaff.mxnet import MXNetFormatError, load_params, normalize_name
+from openaff.mxnet.ndarray import dump_ndarray_list, load_ndarray_list, save_ndarray_list  # the list format itself
 
 # The compact fixtures live in the project, so the module-level reads below work in any clone.
 SMALL = COMPACT / "aff_cifar_resnet_b1_c1_k10.params"

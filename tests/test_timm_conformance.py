@@ -35,7 +35,8 @@ from openaff.info import list_openaff_models
 from openaff.layers import AFF, IAFF
 from openaff.layers.tracing import is_tracing
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.(script|save|load)` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("quick_torchscript")]
 
 TINY_IMAGENET = dict(layers=(1, 1, 1, 1))
 TINY_SMALL = dict(width_mult=0.25)
@@ -61,15 +62,6 @@ IDS = [name for name, _ in FAMILIES]
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_settings():
-    # As timm's tests: the profiling executor's optimisation passes cost seconds per model, and
-    # numbers, not TorchScript's speed, are tested here.
-    executor = torch._C._jit_set_profiling_executor(True)
-    mode = torch._C._jit_set_profiling_mode(False)
-    yield
-    torch._C._jit_set_profiling_executor(executor)
-    torch._C._jit_set_profiling_mode(mode)
 
 
 def _size(name: str) -> int:

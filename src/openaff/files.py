@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
@@ -312,3 +313,13 @@ def load_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, tor
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     return _strip(obj), metadata
+
+
+def read_yaml_mapping(path: str | Path) -> tuple[dict | None, str]:
+    """The YAML mapping in ``path``, or None and why not (the reader's error on one line, or ``"not a mapping"``),
+    for the caller to raise in its own words."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return None, " ".join(str(err).split())
+    return (data, "") if isinstance(data, dict) else (None, "not a mapping")

@@ -541,12 +541,7 @@ class MSGAU(_ModulationFusion):
     ``M`` is the authors' code's single-layer attention ``sigmoid(L1 + G1)``. The paper's version, a
     bottleneck MS-CAM with r = 2: ``bottleneck=True, r=2``.
 
-    Args:
-        channels: channels of ``x`` and ``y``.
-        r: channel reduction, with ``bottleneck=True`` only.
-        scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
-        bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
-        dims: spatial rank of the inputs (1, 2 or 3).
+    Arguments as :class:`MSSE`.
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -560,12 +555,7 @@ class MSSA(_ModulationFusion):
     ``M`` is the authors' code's single-layer attention ``sigmoid(L1 + G1)``, in every scenario. The
     paper's version, a bottleneck MS-CAM with r = 2: ``bottleneck=True, r=2``.
 
-    Args:
-        channels: channels of ``x`` and ``y``.
-        r: channel reduction, with ``bottleneck=True`` only.
-        scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
-        bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
-        dims: spatial rank of the inputs (1, 2 or 3).
+    Arguments as :class:`MSSE`.
     """
 
     def _fuse(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -615,11 +605,7 @@ class ConcatAFF(_ShortSkipVariant):
     ``H x W``; ``out = 2·x·w + 2·y·(1 − w)`` (AFF.md 4b, the authors' code; the paper: "concatenation as the
     initial integration"). Table 6 is short skip only: every scenario builds this module.
 
-    Args:
-        channels: channels of ``x`` and ``y``.
-        r: channel reduction of both bottleneck branches.
-        scenario: one of :data:`SCENARIOS`.
-        dims: spatial rank of the inputs (1, 2 or 3).
+    Arguments as :class:`HalfAFF` (``r``: the channel reduction of both bottleneck branches).
     """
 
     @staticmethod

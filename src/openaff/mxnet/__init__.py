@@ -11,13 +11,5 @@ from .ndarray import (
     save_ndarray_list,
 )
 
-__all__ = [
-    "ConversionError",
-    "convert_params",
-    "MXNetFormatError",
-    "dump_ndarray_list",
-    "load_ndarray_list",
-    "load_params",
-    "normalize_name",
-    "save_ndarray_list",
-]
+__all__ = ["ConversionError", "MXNetFormatError", "convert_params", "dump_ndarray_list", "load_ndarray_list",
+           "load_params", "normalize_name", "save_ndarray_list"]

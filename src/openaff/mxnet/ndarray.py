@@ -45,14 +45,8 @@ from typing import IO
 
 import numpy as np
 
-__all__ = [
-    "MXNetFormatError",
-    "dump_ndarray_list",
-    "load_ndarray_list",
-    "load_params",
-    "normalize_name",
-    "save_ndarray_list",
-]
+__all__ = ["MXNetFormatError", "dump_ndarray_list", "load_ndarray_list", "load_params", "normalize_name",
+           "save_ndarray_list"]
 
 LIST_MAGIC = 0x112
 V1_MAGIC = 0xF993FAC8

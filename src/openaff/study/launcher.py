@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ..files import atomic_write
+from ..files import atomic_write, read_yaml_mapping
 from .runs import Cell, _cell_state, _child_error, _spawn, _stop_children
 from .scenarios import StudyError
 
@@ -62,12 +62,10 @@ def parse_launcher_config(config: str | dict | None) -> dict:
         return dict(config)
     path = Path(config).expanduser()
     if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise StudyError(f"--launcher-config {config}: {' '.join(str(err).split())}") from None
-        if not isinstance(data, dict):
-            raise StudyError(f"--launcher-config {config}: not a mapping of option: value")
+        data, why = read_yaml_mapping(path)
+        if data is None:
+            raise StudyError(f"--launcher-config {config}: "
+                             + ("not a mapping of option: value" if why == "not a mapping" else why))
         return data
     out = {}
     for item in config.split(","):

@@ -10,9 +10,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import DataError
+from ..files import read_yaml_mapping
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "read_run_config", "read_run_metrics"]
 
@@ -27,12 +26,10 @@ def read_run_config(folder: str | Path) -> dict[str, Any]:
         DataError: the file is missing, unreadable, or not a mapping.
     """
     path = Path(folder) / CONFIG_FILE
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise DataError(f"cannot read {path}: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a run configuration")
+    data, why = read_yaml_mapping(path)
+    if data is None:
+        raise DataError(f"{path} is not a run configuration" if why == "not a mapping"
+                        else f"cannot read {path}: {why}")
     return data
 
 
