@@ -25,7 +25,7 @@ import timm  # noqa: E402
 from torch import nn  # noqa: E402
 
 import openaff  # noqa: E402, F401  (registers the models with timm)
-from openaff.info import list_openaff_models  # noqa: E402
+from openaff.catalog import list_openaff_models  # noqa: E402
 from openaff.segmentation import SEGMENTERS  # noqa: E402
 
 

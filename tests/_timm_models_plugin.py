@@ -10,7 +10,7 @@ included. timm's tests of its own models are deselected.
 import os
 
 import openaff  # noqa: F401  (registers the models with timm)
-from openaff.info import list_openaff_models
+from openaff.catalog import list_openaff_models
 
 
 def _selected() -> set[str]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import openaff  # noqa: F401  (registers the models)
-from openaff.inference import fuse_for_inference
+from openaff.folding import fuse_for_inference
 
 # One block per stage: the layouts of the ResNet-50-D and ResNet-18-D, in a fraction of the time.
 TINY = dict(layers=(1, 1, 1, 1))

@@ -436,7 +436,7 @@ def test_models_without_a_match_exits_2(capsys):
 
 
 def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
-    import openaff.info
+    import openaff.catalog
 
     def interrupted(args, note=None):
         err = KeyboardInterrupt()
@@ -444,18 +444,18 @@ def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
             err.__notes__ = [note]  # what add_note (Python 3.11+) sets
         raise err
 
-    monkeypatch.setattr(openaff.info, "_run", interrupted)
+    monkeypatch.setattr(openaff.catalog, "_run", interrupted)
     rc, out, err = run_cli(["models"], capsys)
     assert rc == 130 and err == "openaff models: interrupted\n"
-    monkeypatch.setattr(openaff.info, "_run", lambda args: interrupted(args, "interrupted; resume with: openaff x"))
+    monkeypatch.setattr(openaff.catalog, "_run", lambda args: interrupted(args, "interrupted; resume with: openaff x"))
     rc, out, err = run_cli(["models"], capsys)
     assert rc == 130 and err == "openaff models: interrupted; resume with: openaff x\n"
 
 
 def test_closed_pipe_ends_quietly():
     # `openaff models | head -1`: the reader goes away; no BrokenPipeError traceback.
-    code = ("import sys, openaff.info as info, openaff.cli as cli\n"
-            "info._run = lambda args: [print('x' * 1000, flush=True) for _ in range(10000)] and 0\n"
+    code = ("import sys, openaff.catalog as catalog, openaff.cli as cli\n"
+            "catalog._run = lambda args: [print('x' * 1000, flush=True) for _ in range(10000)] and 0\n"
             "sys.exit(cli.main(['models']))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.read(10) == b"x" * 10

@@ -319,7 +319,7 @@ def test_blend_inplace_reuses_local_without_autograd():
 @pytest.mark.parametrize("branch", ["local_att", "global_att"])
 def test_mscam_branch_fast_path(branch, folded):
     # Evaluation without autograd folds each branch's BatchNorms on the fly: the same values.
-    from openaff.inference import fuse_for_inference
+    from openaff.folding import fuse_for_inference
     from openaff.layers.mscam import _branch_eval
 
     m = MSCAM(16, 4).double().eval()

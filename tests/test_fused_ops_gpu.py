@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from openaff.inference import fuse_for_inference
+from openaff.folding import fuse_for_inference
 from openaff.layers import AFF, IAFF, attention_blend, set_fusion_kernels, set_fusion_recompute
 
 # Deselected in the default run (pyproject addopts), run by benchmarks/gpu_check.sh with `-m gpu`.

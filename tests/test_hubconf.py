@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from openaff.info import list_openaff_models
+from openaff.catalog import list_openaff_models
 from openaff.segmentation import SEGMENTERS
 
 ROOT = Path(__file__).resolve().parents[1]

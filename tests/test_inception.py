@@ -12,7 +12,7 @@ from _layer_utils import check_timm_head, randomize
 from test_timm_conformance import ATOL, RTOL, _build, _FirstOutput, _same_training, _timm_fx_model
 from torch import nn
 
-from openaff.info import model_info
+from openaff.catalog import model_info
 from openaff.layers import create_fusion, fusion_names, register_fusion
 from openaff.layers.fusion import _FUSIONS as fusion_registry
 from openaff.models.aff_inception import DilatedPairCell, InceptionPreActBlock

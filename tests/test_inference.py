@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from openaff.inference import fold_conv_bn, fuse_for_inference
+from openaff.folding import fold_conv_bn, fuse_for_inference
 from openaff.layers import create_fusion, fusion_names
 
 CL = torch.channels_last
@@ -157,3 +157,11 @@ def test_fold_conv_bn_without_affine_or_bias():
     want = bn(conv(x))
     fold_conv_bn(conv, bn)
     torch.testing.assert_close(conv(x), want, rtol=1e-13, atol=1e-13)
+
+
+def test_the_earlier_module_path_still_works():
+    import openaff.folding
+    import openaff.inference
+
+    assert openaff.inference.fuse_for_inference is openaff.folding.fuse_for_inference
+    assert openaff.inference.fold_conv_bn is openaff.folding.fold_conv_bn

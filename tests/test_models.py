@@ -5,7 +5,7 @@ import timm
 import torch
 from _layer_utils import check_timm_head
 
-from openaff.info import list_openaff_models, model_info
+from openaff.catalog import list_openaff_models, model_info
 
 ALL = list_openaff_models()
 IMAGENET = [n for n in ALL if "cifar" not in n]

@@ -31,7 +31,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import nn
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
-from openaff.info import list_openaff_models
+from openaff.catalog import list_openaff_models
 from openaff.layers import AFF, IAFF
 from openaff.layers.tracing import is_tracing
 

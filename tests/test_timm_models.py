@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from openaff.info import list_openaff_models
+from openaff.catalog import list_openaff_models
 
 TESTS = Path(__file__).resolve().parent
 TIMM_TESTS = Path(os.environ.get("OPENAFF_TIMM_TESTS", Path(sys.prefix) / "timm-tests"))

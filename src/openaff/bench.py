@@ -15,7 +15,7 @@ fusion type (``aff_resnet50:add``, the add-twin: timm's ``resnet50d`` built from
 optional suffixes:
 
 * ``+fold``: fold BatchNorm into the convolutions before inference. Our models use
-  :func:`openaff.inference.fuse_for_inference`; timm models ``torch.fx.experimental.optimization.fuse``.
+  :func:`openaff.folding.fuse_for_inference`; timm models ``torch.fx.experimental.optimization.fuse``.
 * ``+recompute`` / ``+norecompute``: our fusions recompute their MS-CAMs in the backward pass, or not
   (:func:`openaff.layers.set_fusion_recompute`); without a suffix the library default holds.
 * ``+naive``: our AFF/iAFF modules compute the formulas term by term, as a straightforward
@@ -173,10 +173,10 @@ def _gmacs(name: str, input_size: tuple[int, int, int], num_classes: int) -> flo
 
 
 def _fold(model: nn.Module) -> tuple[nn.Module, str]:
-    from .inference import fuse_for_inference
+    from .folding import fuse_for_inference
 
     if _is_ours(model):
-        return fuse_for_inference(model), "openaff.inference.fuse_for_inference"
+        return fuse_for_inference(model), "openaff.folding.fuse_for_inference"
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
     return fx_fuse(model), "torch.fx.experimental.optimization.fuse"
@@ -489,7 +489,7 @@ class BenchSettings:
             if not timm.is_model(arch):
                 raise ConfigError(f"unknown model {arch!r} (see openaff models or timm.list_models())")
             if kwargs:
-                from .info import list_openaff_models
+                from .catalog import list_openaff_models
                 from .layers import fusion_names
 
                 if arch not in list_openaff_models():

@@ -18,7 +18,7 @@ from .errors import OneLineParser
 
 # sub-command -> module with `add_parser(subparsers)`. Adding a command is one line here.
 COMMANDS = {
-    "models": "openaff.info",
+    "models": "openaff.catalog",
     "convert": "openaff.mxnet.convert",
     "train": "openaff.training.train",
     "eval": "openaff.training.evaluate",

@@ -264,7 +264,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
         format: ``onnx``, ``pt2`` or ``torchscript``.
         weights: a hub folder, ``local-dir:DIR`` or one of our safetensors files (default: random weights).
         model_kwargs: extra ``timm.create_model`` keywords (e.g. ``width_mult=0.25``, ``in_chans=1``).
-        fold_bn: fold BatchNorms into the convolutions first (:func:`openaff.inference.fuse_for_inference`).
+        fold_bn: fold BatchNorms into the convolutions first (:func:`openaff.folding.fuse_for_inference`).
         input_size: ``(C, H, W)`` (default: the model's pretrained_cfg, or the weights' config).
         batch: batch size of the example the model is exported with (>= 2: torch.export fixes a
             dimension of size 1); the batch dimension of the file stays dynamic.
@@ -340,7 +340,7 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     exported = net
     folded = 0
     if fold_bn:
-        from .inference import fuse_for_inference
+        from .folding import fuse_for_inference
 
         exported = fuse_for_inference(net, inplace=False)
         folded = exported.folded_batchnorms

@@ -10,7 +10,7 @@ layout, and the front matter by ``huggingface_hub``'s :class:`~huggingface_hub.M
 YAML rules).
 
 The facts come from the folder itself (architecture, ``model_args``, input size, normalisation) and from the
-model they rebuild: trainable parameters and GMACs of :func:`openaff.info.model_info` (multiply-adds of the
+model they rebuild: trainable parameters and GMACs of :func:`openaff.catalog.model_info` (multiply-adds of the
 convolutions and linear layers at batch 1 and the folder's input size, counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on the meta device, FLOPs / 2). The writer adds what only it
 knows: the run's numbers (:func:`write_run_card`) or the conversion's (:func:`write_conversion_card`).
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import hub
+from .catalog import model_info
 from .errors import CheckpointError
 from .files import atomic_write
-from .info import model_info
 
 __all__ = ["CARD_NAME", "CITATION", "write_conversion_card", "write_model_card", "write_run_card"]
 

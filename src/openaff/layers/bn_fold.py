@@ -1,7 +1,7 @@
 """The per-channel affine map of an evaluation-mode BatchNorm after a convolution, for folding.
 
 ``BN(conv(x) + b) = scale · conv(x) + shift``: the one formula behind both the on-the-fly folding
-of the MS-CAM branches (:mod:`openaff.layers.mscam`) and :func:`openaff.inference.fold_conv_bn`.
+of the MS-CAM branches (:mod:`openaff.layers.mscam`) and :func:`openaff.folding.fold_conv_bn`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ sigmoid (recursive AFF).
 Speed: the fusion modules call :meth:`MSCAM.logits` and blend with the fused ops of
 :mod:`openaff.layers.fused_ops`, so the sigmoid and the blend never materialise term by term. Each branch
 is a :class:`ContextBranch`, which in evaluation without autograd folds its BatchNorms into its
-convolutions on the fly; :func:`openaff.inference.fuse_for_inference` folds them once and for all.
+convolutions on the fly; :func:`openaff.folding.fuse_for_inference` folds them once and for all.
 Every op keeps the input's memory format (channels_last stays channels_last). Scripted and traced
 models compute :meth:`MSCAM.formula` instead, with the same ops (see :mod:`openaff.layers.tracing`): under
 FX the branches are leaves of the graph, so a traced MS-CAM gives the eager one's bits.
@@ -303,7 +303,7 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
 
     Folding ``Conv1x1 -> BN`` into one convolution removes the BatchNorm's full-size pass, at the
     price of a few products on ``C x C/r`` weights, and gives an unmodified model most of what
-    :func:`openaff.inference.fuse_for_inference` gives it. The pooled (global) branch works on
+    :func:`openaff.folding.fuse_for_inference` gives it. The pooled (global) branch works on
     ``B x C`` matrices, where a 1x1 convolution is ``F.linear`` and skips the convolution set-up
     that costs more than its arithmetic. The same modules, parameters and statistics; the rounding
     differs in the last bits. Skipped (None) for any other layout and when a hook watches the branch.
