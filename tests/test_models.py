@@ -81,10 +81,15 @@ def test_batch_of_one_training(name):
 
 
 @pytest.mark.parametrize("name", ["aff_resnet50", "iaff_resnext50_32x4d"])
-def test_batch_of_one_training_at_224(name):
-    model = timm.create_model(name)
-    model.train()
-    model(torch.randn(1, 3, 224, 224)).sum().backward()
+def test_batch_of_one_trains(name):
+    """One image in training mode: the MS-CAMs' pooled branch sees one value per channel, which a plain
+    BatchNorm refuses; the context BatchNorm trains on it, and every parameter gets a finite gradient."""
+    model = timm.create_model(name, layers=(1, 1, 1, 1)).train()  # one block per stage: the same modules
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.nn.BatchNorm2d(4).train()(torch.randn(1, 4, 1, 1))  # what a plain BN does with the same input
 
 
 @pytest.mark.parametrize("name", ["aff_resnet50", "iaff_resnext50_32x4d", "aff_cifar_resnet8",
