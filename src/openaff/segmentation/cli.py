@@ -20,6 +20,7 @@ import argparse
 import json
 
 from ..errors import ConfigError, run_command
+from .fpn import is_segmenter
 
 __all__ = ["add_parser"]
 
@@ -84,9 +85,11 @@ def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the mo
 
     if not args.resume and not args.list_recipes and not (args.recipe or hasattr(args, "model")):
         args.recipe = "segment-cpu"
-    if not args.resume and not args.list_recipes and config_from_args(args).task != "segment":
-        raise ConfigError(f"{config_from_args(args).model} is a classifier; openaff segment train trains "
-                          "segmentation models (openaff segment models lists them)")
+    if not args.resume and not args.list_recipes:
+        model = config_from_args(args).model  # the whole configuration, checked once
+        if not is_segmenter(model):
+            raise ConfigError(f"{model} is a classifier; openaff segment train trains "
+                              "segmentation models (openaff segment models lists them)")
     return train_mod.run_from_args(args)
 
 
