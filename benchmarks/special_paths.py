@@ -15,6 +15,8 @@ Cases (one child process each, 2 threads, freed memory retained as ``openaff ben
 
 * ``eval-nchw`` / ``eval-cl``: ``aff_resnet50`` inference, batch 8, 3x224x224, fp32, NCHW / channels_last
   (the CPU target of issue 15).
+* ``eval-nchw-fusions`` / ``eval-cl-fusions``: the same, but only the model's fusion modules, each run on the
+  inputs it meets in the model (where the eval paths act, without the convolutions' time and noise around them).
 * ``train-small``: ``aff_cifar_resnet8`` (width 0.25) training step, SGD, batch 128, 1x48x48, bf16
   autocast, channels_last (what the study, segmentation and CAM work train here, in its fastest setting).
 * ``train-r50``: ``aff_resnet50`` training step, SGD, batch 8, 3x160x160, fp32, channels_last.
@@ -37,21 +39,23 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+EVAL = ("eval-nchw", "eval-cl", "eval-nchw-fusions", "eval-cl-fusions")
+
 # Path name -> (where it lives, what it does, the cases it is measured on).
 PATHS = {
     "fused blend": ("fused_ops.attention_blend", "AFF/iAFF blend `scale·lerp(y, x, sigmoid(L+G))` as one "
                     "autograd Function saving only its inputs, vs `2·x·w + 2·y·(1−w)` written out",
-                    ("eval-nchw", "eval-cl", "train-small", "train-r50")),
+                    (*EVAL, "train-small", "train-r50")),
     "in-place eval blend": ("fused_ops.attention_blend(inplace=True)", "without autograd the blend is written "
-                            "into the local logits' buffer, vs a fresh buffer", ("eval-nchw", "eval-cl")),
+                            "into the local logits' buffer, vs a fresh buffer", EVAL),
     "on-the-fly BN folding": ("mscam._branch_eval", "in eval without autograd each MS-CAM branch folds its BNs "
                               "into its 1x1 convs (global branch as `F.linear` on B x C), vs the modules as they are",
-                              ("eval-nchw", "eval-cl")),
+                              EVAL),
     "batched-product 1x1 convs": ("mscam._conv1x1_eval", "CPU NCHW eval: the folded local branch as `matmul` on "
-                                  "B x C x HW, vs `F.conv2d`", ("eval-nchw",)),
+                                  "B x C x HW, vs `F.conv2d`", ("eval-nchw", "eval-nchw-fusions")),
     "direct branch folding in logits": ("mscam.MSCAM.logits", "eval: `logits` calls `_branch_eval` itself, one "
                                         "module call fewer per branch, vs calling the branches",
-                                        ("eval-nchw", "eval-cl")),
+                                        EVAL),
     "channels_last BN (< 16 ch)": ("channels_last_norm.channels_last_batch_norm", "CPU training BN of a channels_last "
                                    "tensor with few channels as a (B·H) x (W·C) matrix, vs `F.batch_norm`",
                                    ("train-small",)),
@@ -70,6 +74,12 @@ OPT_IN = "recompute (opt-in)"
 CASES = {
     "eval-nchw": dict(model="aff_resnet50", train=False, channels_last=False, batch=8, size=224, chans=3, amp=False),
     "eval-cl": dict(model="aff_resnet50", train=False, channels_last=True, batch=8, size=224, chans=3, amp=False),
+    # The same, but only the model's fusion modules, each on the inputs it meets in the model: where the eval paths
+    # act, so their share of the fusions' own time is measured without the convolutions' noise around it.
+    "eval-nchw-fusions": dict(model="aff_resnet50", train=False, channels_last=False, batch=8, size=224, chans=3,
+                              amp=False, fusions_only=True),
+    "eval-cl-fusions": dict(model="aff_resnet50", train=False, channels_last=True, batch=8, size=224, chans=3,
+                            amp=False, fusions_only=True),
     "train-small": dict(model="aff_cifar_resnet8", train=True, channels_last=True, batch=128, size=48, chans=1,
                         amp=True, extra={"width_mult": 0.25, "num_classes": 10}),
     "train-r50": dict(model="aff_resnet50", train=True, channels_last=True, batch=8, size=160, chans=3, amp=False),
@@ -186,10 +196,25 @@ def build_case(spec: dict):
     set_fusion_recompute(False, model)
     model.train(spec["train"])
 
+    fused: list = []  # (fusion module, its inputs in the model) for a fusions_only case
+    if spec.get("fusions_only"):
+        from openaff.layers.fusion import _AttentionFusion
+
+        hooks = [m.register_forward_pre_hook(lambda m, a: fused.append((m, a))) for m in model.modules()
+                 if isinstance(m, _AttentionFusion)]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:  # a hooked module would not fold its branches
+            h.remove()
+
     def step() -> None:
         if not spec["train"]:
             with torch.no_grad():
-                model(x)
+                if fused:
+                    for m, a in fused:
+                        m(*a)
+                else:
+                    model(x)
             return
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["amp"]):
             loss = F.cross_entropy(model(x), target)
@@ -283,10 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # An opt-in path's variant is the one *with* it; the default ("all on") runs without it.
             with_path, without = (off, on) if name == OPT_IN else (on, off)
-            ratio = statistics.median(b / a for a, b in zip(with_path, without, strict=True))
+            ratios = sorted(b / a for a, b in zip(with_path, without, strict=True))
+            ratio = statistics.median(ratios)
+            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratio,) * 3
             rows.append({"path": name, "case": case, "with_ms": round(statistics.median(with_path) * 1e3, 1),
                          "without_ms": round(statistics.median(without) * 1e3, 1),
                          "paired_without_over_with": round(ratio, 3),
+                         "paired_iqr": [round(q1, 3), round(q3, 3)],
                          "calls_default_and_off": reached[name],
                          "saved_mib_with": saved.get(name if name == OPT_IN else "all on"),
                          "saved_mib_without": saved.get("all on" if name == OPT_IN else name)})
@@ -310,13 +338,14 @@ def main(argv: list[str] | None = None) -> int:
              "round-robin rounds; `without/with` is the median over rounds of the within-round time ratio, "
              "above 1 when the path saves time; `calls`: how often one step reached the path's code by default and "
              "without it).", "", f"`{meta['command']}`", "",
-             "| path | case | with ms | without ms | without/with | saved MiB with | saved MiB without | calls |",
+             "| path | case | with ms | without ms | without/with (IQR) | saved MiB with | saved MiB without | calls |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         sw = "" if r["saved_mib_with"] is None else f"{r['saved_mib_with']:.0f}"
         so = "" if r["saved_mib_without"] is None else f"{r['saved_mib_without']:.0f}"
         lines.append(f"| {r['path']} | {r['case']} | {r['with_ms']} | {r['without_ms']} | "
-                     f"{r['paired_without_over_with']:.3f} | {sw} | {so} | {r['calls_default_and_off']} |")
+                     f"{r['paired_without_over_with']:.3f} ({r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f}) | "
+                     f"{sw} | {so} | {r['calls_default_and_off']} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "special-paths.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     (args.out / "special-paths.md").write_text("\n".join(lines) + "\n")

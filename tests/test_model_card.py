@@ -110,13 +110,16 @@ def test_trained_folder_card(tmp_path: Path) -> None:
 
 
 def test_segmenter_card_says_segmentation(tmp_path: Path) -> None:
+    # A segmentation run's card takes the hub's task and the model type from its task (write_run_card passes them).
     from openaff.model_card import write_model_card
+    from openaff.training.tasks import task_for_model
 
     net = timm.create_model("aff_fpn_cifar_resnet8", num_classes=3, width_mult=0.25).eval()
     openaff.hub.save_pretrained(net, tmp_path, architecture="aff_fpn_cifar_resnet8",
                                 model_args=dict(num_classes=3, width_mult=0.25), input_size=(3, 32, 32),
                                 mean=(0.5,) * 3, std=(0.25,) * 3, metadata={"task": "segment"})
-    write_model_card(tmp_path, description="x", facts={})
+    task = task_for_model("aff_fpn_cifar_resnet8")
+    write_model_card(tmp_path, description="x", facts={}, pipeline_tag=task.pipeline_tag, model_type=task.model_type)
     meta, body = _card(tmp_path)
     assert meta["pipeline_tag"] == "image-segmentation" and "image-segmentation" in meta["tags"]
     assert _detail(body, "Model Type") == "Semantic segmentation"

@@ -28,7 +28,7 @@ def _tiny(case: str) -> dict:
             "extra": {"width_mult": 0.25, "num_classes": 10}, "batch": 4, "size": 16}
 
 
-@pytest.mark.parametrize("case", ["eval-nchw", "eval-cl", "train-small"])
+@pytest.mark.parametrize("case", ["eval-nchw", "eval-cl", "eval-nchw-fusions", "train-small"])
 def test_each_path_is_reached_by_default_and_not_without_it(case):
     model, step, _ = sp.build_case(_tiny(case))
     names = [n for n, (_, _, cases) in sp.PATHS.items() if case in cases]

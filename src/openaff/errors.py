@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = ["CheckpointError", "ConfigError", "CorruptImageError", "DataError", "NonFiniteLossError",
-           "OneLineParser", "OpenAFFError", "one_line", "run_alone", "run_command"]
+           "OneLineParser", "OpenAFFError", "check_int", "check_number", "flag_type", "is_integer", "is_number",
+           "one_line", "run_alone", "run_command"]
 
 
 class OpenAFFError(Exception):
@@ -33,6 +36,77 @@ class CheckpointError(OpenAFFError):
 
 class NonFiniteLossError(OpenAFFError):
     """Training diverged (NaN or infinite loss); the last good checkpoint is kept."""
+
+
+# --- argument checks: one style for every function and flag that takes a number from a user ----------------------
+
+def is_integer(value: object) -> bool:
+    """A Python or NumPy integer, and not a bool (an int to Python, but ``epochs: yes`` is never a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A real number (int, float or NumPy scalar), and not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(value: Any, requirement: str, *, lo: int = 1, hi: int | None = None,
+              error: type[Exception] = ConfigError) -> Any:
+    """``value`` if it is an integer from ``lo`` to ``hi``; otherwise ``error("<requirement>, got <value>")``.
+
+    Args:
+        value: what the caller was given.
+        requirement: the message's start, naming the setting and what it must be
+            (``"--jobs must be an integer >= 1"``).
+        lo: the smallest value allowed.
+        hi: the largest value allowed (None: no bound).
+        error: the exception raised (:class:`ValueError` for model constructors, an :class:`OpenAFFError` for
+            commands, which report it on one line).
+    """
+    if not is_integer(value) or value < lo or (hi is not None and value > hi):
+        raise error(f"{requirement}, got {value!r}")
+    return value
+
+
+def check_number(value: Any, requirement: str, *, gt: float | None = None, lo: float | None = None,
+                 hi: float | None = None, error: type[Exception] = ConfigError) -> Any:
+    """``value`` if it is a real number above ``gt``, from ``lo`` to ``hi``; otherwise ``error`` as :func:`check_int`.
+
+    NaN fails every bound.
+    """
+    ok = is_number(value) and not math.isnan(value) and (gt is None or value > gt) \
+        and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        raise error(f"{requirement}, got {value!r}")
+    return value
+
+
+def flag_type(cast: Callable[[str], Any], *, what: str, lo: float | None = None,
+              gt: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type=`` for a number flag: ``cast(text)`` and a bound, each with a one-line message.
+
+    ``--limit 1.5`` gives ``argument --limit: must be <what>, got '1.5'``; ``--limit 0`` with ``lo=1`` gives
+    ``must be >= 1, got '0'`` (with ``gt=0``: ``must be > 0``, and infinity is refused too).
+
+    Args:
+        cast: ``int`` or ``float``.
+        what: what the flag's text must be, for the message (``"an integer"``).
+        lo: the smallest value allowed.
+        gt: the value it must be above.
+    """
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if lo is not None and not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text!r}")
+        if gt is not None and not (value > gt and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be > {gt}, got {text!r}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its own messages
+    return parse
 
 
 def one_line(err: BaseException) -> str:

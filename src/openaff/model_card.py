@@ -45,8 +45,6 @@ CITATION = """@inproceedings{dai2021attentional,
 HUB_DATASETS = {"fashion-mnist": "fashion_mnist", "cifar10": "cifar10", "cifar100": "cifar100"}
 _SCORE_NAMES = {"val_top1": "top-1", "val_top5": "top-5", "val_miou": "mIoU", "val_pixel_acc": "pixel accuracy",
                 "val_mean_acc": "mean class accuracy"}
-_TASKS = {"classify": ("image-classification", "Image classification / feature backbone"),
-          "segment": ("image-segmentation", "Semantic segmentation")}
 
 
 def _fmt(value: Any) -> str:
@@ -70,7 +68,8 @@ def _details_markdown(details: Mapping[str, Any]) -> str:
 
 def write_model_card(directory: str | Path, *, description: str, facts: Mapping[str, Any],
                      datasets: Sequence[str] = (), data: str | None = None, license: str = "unknown",
-                     license_note: str = "") -> Path:
+                     license_note: str = "", pipeline_tag: str = "image-classification",
+                     model_type: str = "Image classification / feature backbone") -> Path:
     """Write ``directory/README.md`` for the model folder ``directory`` (``config.json`` must be there).
 
     Args:
@@ -81,6 +80,8 @@ def write_model_card(directory: str | Path, *, description: str, facts: Mapping[
         data: the ``Dataset`` entry in words (default: ``datasets`` joined).
         license: the front matter's licence identifier (``unknown`` when not known).
         license_note: what is known about the licence, in words.
+        pipeline_tag: the Hugging Face Hub's task (a training run's: its task's ``pipeline_tag``).
+        model_type: the ``Model Type`` entry.
 
     Returns:
         The card's path.
@@ -95,10 +96,9 @@ def write_model_card(directory: str | Path, *, description: str, facts: Mapping[
     name, args, pcfg = cfg["architecture"], dict(cfg.get("model_args") or {}), dict(cfg["pretrained_cfg"])
     input_size = tuple(int(v) for v in pcfg["input_size"])
     info = model_info(name, input_size=input_size, **args)
-    task = "segment" if (cfg.get("metadata") or {}).get("task") == "segment" else "classify"
-    pipeline, model_type = _TASKS[task]
-    meta = ModelCardData(tags=[pipeline, "timm", "openaff", "attentional-feature-fusion"], pipeline_tag=pipeline,
-                         library_name="timm", license=license, datasets=list(datasets) or None)
+    meta = ModelCardData(tags=[pipeline_tag, "timm", "openaff", "attentional-feature-fusion"],
+                         pipeline_tag=pipeline_tag, library_name="timm", license=license,
+                         datasets=list(datasets) or None)
     size = f"{input_size[1]} x {input_size[2]}"
     details: dict[str, Any] = {
         "Model Type": model_type,
@@ -181,6 +181,7 @@ def write_run_card(directory: str | Path, cfg: Any, data: Any, history: Sequence
                    f"{data.num_classes} classes.")
     hub_name = HUB_DATASETS.get(kind)
     return write_model_card(directory, description=description, facts=facts, datasets=[hub_name] if hub_name else (),
+                            pipeline_tag=task.pipeline_tag, model_type=task.model_type,
                             data=f"{source}{labels} ({data.train_size:,} train / {data.val_size:,} validation images)",
                             license_note="Weights trained with open-aff (Apache-2.0 code): their licence is set by "
                                          "whoever trained them, within the terms of the data set; edit `license` "

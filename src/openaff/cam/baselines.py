@@ -18,7 +18,7 @@ import hashlib
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_number
 
 __all__ = ["BASELINES", "baseline_maps", "brightness_map", "centre_prior", "uniform_map"]
 
@@ -61,8 +61,7 @@ def centre_prior(images: np.ndarray, sigma: float | None = None) -> np.ndarray:
     """
     b, h, w = _images(images).shape
     sigma = min(h, w) / 4 if sigma is None else sigma
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-        raise ConfigError(f"the centre prior's sigma must be a positive number of pixels, got {sigma!r}")
+    check_number(sigma, "the centre prior's sigma must be a positive number of pixels", gt=0)
     y, x = np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2
     g = np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * float(sigma) ** 2))
     return np.broadcast_to(g / g.max(), (b, h, w)).astype(np.float32)

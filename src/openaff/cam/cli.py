@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError, run_command
+from ..errors import ConfigError, flag_type, run_command
 from ..photos import PHOTOS
 from ..training.config import parse_model_kwargs
 from .attention import attention_maps
@@ -173,22 +173,12 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(text: str, lo: int, what: str = "an integer") -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if value < lo:
-        raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
+_positive_int = flag_type(int, what="an integer", lo=1)
+_scene_count = flag_type(int, what="a number of scenes or 'all'", lo=0)
 
 
 def _road_limit(text: str) -> int | None:
-    return None if text == "all" else _int_at_least(text, 0, "a number of scenes or 'all'")
+    return None if text == "all" else _scene_count(text)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
-from ..errors import ConfigError, OpenAFFError
+from ..errors import ConfigError, OpenAFFError, is_integer
 from ..hub import resolve_model
 from ..photos import per_channel
 
@@ -178,7 +177,7 @@ def load_model(model: str | Path | nn.Module | CamModel, weights: str | Path | N
 def _resolve_class(target: int | str, cm: CamModel, what: str = "class") -> int:
     """A class index of ``cm`` from an index or a class name."""
     n = cm.num_classes
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+    if is_integer(target):
         k = int(target)
     elif isinstance(target, str) and target.lstrip("-").isdigit():
         k = int(target)

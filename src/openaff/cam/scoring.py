@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_int
 from .baselines import BASELINES, baseline_maps
 from .faithfulness import ROAD_PERCENTILES, road_scores
 from .gradcam import compute_cams
@@ -75,9 +75,8 @@ def _check_samples(samples: Sequence[Sample]) -> list[Sample]:
 
 
 def _check_limit(value: int | None, what: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ConfigError(f"{what} must be a number of scenes >= 0 (or None for all), got {value!r}")
-    return value
+    return value if value is None else check_int(value, f"{what} must be a number of scenes >= 0 (or None for all)",
+                                                 lo=0)
 
 
 def score_scenes(cm: CamModel, samples: Sequence[Sample], *, method: str = "gradcam", target: str = "predicted",
@@ -152,8 +151,7 @@ def size_bins(lo: int, hi: int, k: int = 4) -> list[tuple[int, int]]:
         hi: the largest side.
         k: the number of bins (at most ``hi - lo + 1``).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"the number of size bins must be a positive integer, got {k!r}")
+    check_int(k, "the number of size bins must be a positive integer")
     if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer))) or lo > hi:
         raise ConfigError(f"size bins need integer sides lo <= hi, got {lo!r} and {hi!r}")
     if k > hi - lo + 1:

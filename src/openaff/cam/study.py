@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_int
 from ..machine import cpu_name
 from ..training.datasets import FASHION_MNIST_DIR
 from ..training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
@@ -185,8 +185,7 @@ def score_study(study: str | Path, output: str | Path | None = None, *, limit: i
     start = time.perf_counter()
     study = Path(study)
     out = Path(output) if output is not None else study / "cam"
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"limit must be a positive number of scenes, got {limit!r}")
+    check_int(limit, "limit must be a positive number of scenes")
     sets = list(dict.fromkeys(sets))
     unknown = [s for s in sets if s not in SCENE_SETS]
     if unknown or not sets:

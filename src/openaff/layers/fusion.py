@@ -63,6 +63,7 @@ import torch.fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import check_int
 from .fused_ops import attention_blend, fusion_recompute, recompute_context, weighted_blend
 from .mscam import CONTEXT_BATCH_NORMS, CONVS, MSCAM, check_dims, shape_name
 from .tracing import is_traced
@@ -178,8 +179,7 @@ def create_fusion(name: str, channels: int, r: int = 4, *, dims: int = 2, inputs
         if inputs is not None and inputs != len(in_channels):
             raise ValueError(f"fusion type {key!r}: inputs={inputs} but {len(in_channels)} in_channels given")
     k = inputs if inputs is not None else (len(in_channels) if in_channels is not None else 2)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
-        raise ValueError(f"fusion type {key!r}: inputs must be an integer >= 2, got {k!r}")
+    check_int(k, f"fusion type {key!r}: inputs must be an integer >= 2", lo=2, error=ValueError)
     if k > 2:
         if key not in MULTI_INPUT:
             raise ValueError(f"fusion type {key!r} has no form for {k} inputs; use "

@@ -28,6 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import is_integer
 from .mscam import CONTEXT_BATCH_NORMS, CONVS, check_dims, shape_name
 from .tracing import is_traced
 
@@ -98,7 +99,7 @@ class AlignedFusion(nn.Module):
         super().__init__()
         check_dims(dims, "AlignedFusion")
         in_channels = tuple(in_channels)
-        if len(in_channels) < 2 or not all(isinstance(c, int) and c >= 1 for c in in_channels):
+        if len(in_channels) < 2 or not all(is_integer(c) and c >= 1 for c in in_channels):
             raise ValueError(f"AlignedFusion: in_channels must be two or more positive integers, got {in_channels!r}")
         if resize not in (*RESIZE_MODES, "linear", "trilinear"):
             raise ValueError(f"AlignedFusion: resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")

@@ -28,6 +28,7 @@ import operator
 
 import torch
 
+from ..errors import check_int
 from .fusion import MULTI_INPUT, _AttentionFusion, bad_inputs, check_scenario
 from .tracing import is_traced
 
@@ -67,8 +68,7 @@ class _MultiInputSoftSelection(_AttentionFusion):
 
     def __init__(self, channels: int, r: int = 4, *, inputs: int = 3, scenario: str = "short-skip",
                  dims: int = 2) -> None:
-        if not isinstance(inputs, int) or isinstance(inputs, bool) or inputs < 2:
-            raise ValueError(f"{self.fusion_name}: inputs must be an integer >= 2, got {inputs!r}")
+        check_int(inputs, f"{self.fusion_name}: inputs must be an integer >= 2", lo=2, error=ValueError)
         same = check_scenario(scenario, self.fusion_name) == "same-layer"
         super().__init__(channels, r, scenario, self._mscams, dims, branches=("local", "global"),
                          layers="single" if same else "bottleneck", out_channels=(inputs - 1) * channels)

@@ -35,6 +35,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_int
 from .bn_fold import bn_scale_shift
 from .channels_last_norm import channels_last_batch_norm, use_channels_last_batch_norm
 from .fused_ops import attention_weight, is_recomputing
@@ -412,8 +413,8 @@ class MSCAM(nn.Module):
         if channels < 1 or r < 1:
             raise ValueError(f"MSCAM needs channels >= 1 and r >= 1, got channels={channels}, r={r}")
         check_dims(dims)
-        if out_channels is not None and (not isinstance(out_channels, int) or out_channels < 1):
-            raise ValueError(f"MSCAM out_channels must be a positive integer, got {out_channels!r}")
+        if out_channels is not None:
+            check_int(out_channels, "MSCAM out_channels must be a positive integer", error=ValueError)
         if isinstance(branches, str) or len(branches) != 2 or any(b not in BRANCH_KINDS for b in branches):
             raise ValueError(f"MSCAM branches must be two of {BRANCH_KINDS}, got {branches!r}")
         if layers not in LAYER_FORMS:

@@ -22,13 +22,12 @@ name of :func:`openaff.layers.fusion_names`), ``b=``, ``width_mult=``, ``r=``, `
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from ..errors import check_int, check_number
 from ..layers import AddFusion
 from ..layers.fusion import fusion_options
 from ._common import block_fusion, build_model
@@ -112,19 +111,11 @@ class InceptionPreActBlock(nn.Module):
 
 def _check_args(b: object, width_mult: object, r: object, in_chans: object, num_classes: object) -> None:
     # The registered names take these from users (model_kwargs, the study's grid): one line each.
-    def whole(v: object) -> bool:
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    if not whole(b) or b < 1:
-        raise ValueError(f"b (blocks per stage) must be an integer >= 1, got {b!r}")
-    if not isinstance(width_mult, numbers.Real) or isinstance(width_mult, bool) or not width_mult > 0:
-        raise ValueError(f"width_mult must be a number > 0, got {width_mult!r}")
-    if not whole(r) or r < 1:
-        raise ValueError(f"r (attention channel reduction) must be an integer >= 1, got {r!r}")
-    if not whole(in_chans) or in_chans < 1:
-        raise ValueError(f"in_chans must be an integer >= 1, got {in_chans!r}")
-    if not whole(num_classes) or num_classes < 0:
-        raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+    check_int(b, "b (blocks per stage) must be an integer >= 1", error=ValueError)
+    check_number(width_mult, "width_mult must be a number > 0", gt=0, error=ValueError)
+    check_int(r, "r (attention channel reduction) must be an integer >= 1", error=ValueError)
+    check_int(in_chans, "in_chans must be an integer >= 1", error=ValueError)
+    check_int(num_classes, "num_classes must be an integer >= 0", lo=0, error=ValueError)
 
 
 class AFFCifarInceptionResNet(AFFCifarPreActResNet):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ..errors import check_int
 from ..layers import AlignedFusion, Projection, create_fusion, fusion_options
 from ..models._common import check_image_batch
 
@@ -125,8 +126,7 @@ class FusionFPN(nn.Module):
         super().__init__()
         if upsample not in ("bilinear", "nearest"):
             raise ValueError(f"upsample must be bilinear or nearest, got {upsample!r}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        check_int(num_classes, "num_classes must be a positive integer", error=ValueError)
         kwargs = dict(encoder_kwargs or {})
         try:
             self.encoder = timm.create_model(encoder, features_only=True, pretrained=pretrained_encoder,
@@ -150,8 +150,7 @@ class FusionFPN(nn.Module):
         self.reductions = [reds[i] for i in self.levels]
         self.inner_chs, self.laterals = inner_chs, None
         if inner_chs is not None:
-            if isinstance(inner_chs, bool) or not isinstance(inner_chs, int) or inner_chs < 1:
-                raise ValueError(f"inner_chs must be a positive number of channels, got {inner_chs!r}")
+            check_int(inner_chs, "inner_chs must be a positive number of channels", error=ValueError)
             self.laterals = nn.ModuleList(nn.Identity() if c == inner_chs else _conv_bn_relu(c, inner_chs, 1)
                                           for c in used)
             used = [inner_chs] * len(used)

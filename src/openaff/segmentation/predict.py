@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_int
 from ..hub import load_pretrained
 from ..photos import IMAGE_SUFFIXES
 from ..training.config import make_config
@@ -164,8 +164,7 @@ def predict(weights: str | Path, output: str | Path, *, images: str | Path | Non
         ``grid``, ``overlays`` (paths), ``images`` (count), ``title`` (the grid's) and, with ground truth, ``miou`` and
         ``pixel_acc`` of these images (%).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"--n must be a positive number of images, got {n!r}")
+    check_int(n, "--n must be a positive number of images")
     if threads:
         torch.set_num_threads(threads)
     net, info = load_pretrained(str(weights).removeprefix("local-dir:"))

@@ -38,12 +38,13 @@ class SegmentationTask(Task):
     scores = ("val_miou", "val_pixel_acc", "val_mean_acc", "val_fg_iou", "val_item_acc", "val_scene_acc")
     card_scores = ("val_miou", "val_pixel_acc", "val_mean_acc")
     command, model_kind = "openaff segment train", "segmenter"
+    pipeline_tag, model_type = "image-segmentation", "Semantic segmentation"
     collate = staticmethod(seg_collate)
 
     def claims(self, model: str) -> bool:
         return is_segmenter(model)
 
-    def load_data(self, cfg: TrainConfig, train: bool, mean: tuple[float, ...],
+    def load_data(self, cfg: TrainConfig, kind: str, train: bool, mean: tuple[float, ...],
                   std: tuple[float, ...]) -> ImageData:
         return load_segmentation_data(cfg, train)
 

@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import run_command
+from ..errors import flag_type, run_command
 from . import __doc__ as STUDY_DOC  # the package's docstring is the command's description (set before this loads)
 from .grid import run_study
 from .paper import TABLE_FUSIONS
 from .report import study_markdown_best, summarize
 from .scenarios import StudyError
 
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+_int = flag_type(int, what="an integer")
 
 
-def _positive(cast: Callable) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-        return value
-
-    parse.__name__ = cast.__name__
-    return parse
+def _positive(cast: Callable[[str], Any]) -> Callable[[str], Any]:
+    return flag_type(cast, what="a number > 0", gt=0)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

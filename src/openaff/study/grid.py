@@ -8,12 +8,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, one_line
+from ..errors import ConfigError, check_int, one_line
 from ..training.config import make_config
 from ..training.train import fresh_run_folder, train
 from .launcher import make_launcher, run_cells
 from .report import StudyResult, _aggregate, _write_outputs, resolve_contrasts
-from .runs import Cell, _cell_state, _done_line, _lock, _run_parallel, _say, _train_in_process
+from .runs import Cell, cell_state, done_line, progress_printer, run_parallel, study_lock, train_in_process
 from .scenarios import SCENARIOS, Scenario, StudyError
 from .settings import (
     OVERRIDES,
@@ -92,10 +92,8 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
     names = _fusions(fusions, table)
     pairs = resolve_contrasts(contrasts, names)  # bad contrasts stop before anything trains
     depth_list = _parse_list(depths, "depths", _depth)
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise StudyError(f"--seeds must be an integer >= 1 (the runs use seeds 0 .. N-1), got {seeds!r}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise StudyError(f"--jobs must be an integer >= 1, got {jobs!r}")
+    check_int(seeds, "--seeds must be an integer >= 1 (the runs use seeds 0 .. N-1)", error=StudyError)
+    check_int(jobs, "--jobs must be an integer >= 1", error=StudyError)
     runner = make_launcher(launcher, launcher_config, jobs)
     if threads is None and jobs > 1:
         threads = 1  # separate single-threaded processes: the fastest use of a small CPU
@@ -135,17 +133,17 @@ def run_study(output: str | Path | None = None, *, scenario: str = "short-skip",
                             dict(threads=base.threads, jobs=jobs if jobs > 1 else None,
                                  launcher=runner and runner.name, **{"launcher-config": runner and runner.given}))
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    with _lock(out):
+    with study_lock(out):
         return _execute(out, scn, settings, cells, command, jobs, progress, runner, pairs)
 
 
 def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell], command: str, jobs: int,
              progress: bool, runner: Any = None, pairs: list[tuple[str, str]] | None = None) -> StudyResult:
     """Train what the study folder lacks (under its lock), keeping the tables up to date after every run."""
-    states = {c.name: _cell_state(c) for c in cells}  # refuses foreign folders before anything trains
+    states = {c.name: cell_state(c) for c in cells}  # refuses foreign folders before anything trains
     planned = {(c.fusion, c.depth, c.seed): (c.params, c.gmacs) for c in cells}
     todo = [(c, states[c.name]) for c in cells if states[c.name] != "finished"]
-    say = _say(progress)
+    say = progress_printer(progress)
     trained: list[str] = []
 
     def write(plot: bool = False) -> StudyResult:
@@ -156,7 +154,7 @@ def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell
     def on_done(cell: Cell) -> None:
         trained.append(cell.name)
         bar.update(1)
-        say(_done_line(cell, scn.metric))
+        say(done_line(cell, scn.metric))
         write()
 
     write()
@@ -167,10 +165,10 @@ def _execute(out: Path, scn: Scenario, settings: StudySettings, cells: list[Cell
         elif jobs == 1:
             for cell, state in todo:
                 bar.set_postfix_str(cell.name, refresh=True)
-                _train_in_process(cell, state, out / "logs" / f"{cell.name}.log", scn.train or train)
+                train_in_process(cell, state, out / "logs" / f"{cell.name}.log", scn.train or train)
                 on_done(cell)
         else:
-            _run_parallel(todo, jobs, out / "logs", on_done)
+            run_parallel(todo, jobs, out / "logs", on_done)
     except KeyboardInterrupt:
         bar.close()
         write()

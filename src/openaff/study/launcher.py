@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from ..files import atomic_write, read_yaml_mapping
-from .runs import Cell, _cell_state, _child_error, _spawn, _stop_children
+from .runs import Cell, cell_state, child_error, spawn_cell, stop_children
 from .scenarios import StudyError
 
 __all__ = ["LAUNCHERS", "CellJob", "Launcher", "make_launcher", "parse_launcher_config"]
@@ -225,22 +225,22 @@ class CellJob:
 
     def __call__(self) -> str:
         with _hold(self.log.with_suffix(".lock")):
-            state = _cell_state(self.cell)
+            state = cell_state(self.cell)
             if state == "finished":  # trained by an earlier job of this study meanwhile
                 return state
-            self._proc = _spawn(self.cell, state, self.log)
+            self._proc = spawn_cell(self.cell, state, self.log)
             try:
                 rc = self._proc.wait()
             except BaseException:  # cancelled (SIGINT) or requeued: the run stops at its last checkpoint
                 self._stop()
                 raise
             if rc != 0:
-                raise _child_error(self.cell, rc, self.log)
+                raise child_error(self.cell, rc, self.log)
             return state
 
     def _stop(self, grace: float = 60.0) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            _stop_children({self._proc: self.cell}, grace)
+            stop_children({self._proc: self.cell}, grace)
 
     def checkpoint(self) -> Any:
         """Called by submitit on time-out or preemption, before it requeues the job: the requeued job resumes."""
@@ -308,7 +308,7 @@ def run_cells(launcher: Launcher, todo: list[tuple[Cell, str]], out: Path,
                 if launcher.alive(job, folder):
                     continue
                 del watching[name]
-                if _cell_state(cell) == "finished":
+                if cell_state(cell) == "finished":
                     on_done(cell)
                 elif failure is None:
                     failure = _job_error(cell, job, out / "logs" / f"{cell.name}.log")
@@ -330,6 +330,6 @@ def run_cells(launcher: Launcher, todo: list[tuple[Cell, str]], out: Path,
 def _job_error(cell: Cell, job: Any, log: Path) -> StudyError:
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     if any(ln.startswith("openaff train: error: ") for ln in lines):  # the run said why
-        return _child_error(cell, 1, log)
+        return child_error(cell, 1, log)
     return StudyError(f"run {cell.name}: job {job.job_id} ended without finishing it (log: {log}; the job's: "
                             f"{job.paths.stderr})")

@@ -17,7 +17,7 @@ from ..layers import fusion_names
 from ..stats import contrast_table, parse_contrasts
 from ..training.run_folder import read_run_config
 from .paper import paper_number
-from .runs import RunRecord, _record
+from .runs import RunRecord, run_record
 from .scenarios import SCENARIOS, StudyError, split_fusion_spec
 from .settings import StudySettings, _load_settings, _model_facts
 
@@ -84,7 +84,7 @@ def _aggregate(out: Path, settings: StudySettings, planned: dict | None, command
     for f, b, s in keys:
         folder = out / "runs" / f"{f}-b{b}-s{s}"
         facts = (planned or {}).get((f, b, s)) or _facts_from_folder(folder)
-        runs.append(_record(f, b, s, folder, metric, epochs, facts))
+        runs.append(run_record(f, b, s, folder, metric, epochs, facts))
     runs.sort(key=lambda r: (settings.fusions.index(r.fusion), settings.depths.index(r.depth), r.seed))
     cells = []
     for f in settings.fusions:

@@ -28,7 +28,7 @@ from ..training.train import RUN_FILES
 from .scenarios import StudyError
 
 # Differences between a run folder's config.yaml and the study's that do not change the numbers.
-_IGNORED = {"output", "recipe", *RESUMABLE}
+IGNORED_FIELDS = {"output", "recipe", *RESUMABLE}
 
 
 @dataclass
@@ -72,11 +72,11 @@ class RunRecord:
     test_by_size: dict | None = None
 
 
-def _yaml_data(cfg: TrainConfig) -> dict:
+def yaml_data(cfg: TrainConfig) -> dict:
     return yaml.safe_load(to_yaml(cfg))
 
 
-def _differences(old: dict, new: dict, ignore: set[str]) -> list[str]:
+def config_differences(old: dict, new: dict, ignore: set[str]) -> list[str]:
     return [k for k in dict.fromkeys([*new, *old]) if k not in ignore and old.get(k) != new.get(k)]
 
 
@@ -88,8 +88,8 @@ def _check_cell_config(cell: Cell) -> None:
             raise StudyError(f"{cell.folder} holds {', '.join(held)} but no config.yaml: not a run of this study; "
                              "move it away")
         return
-    old, new = read_run_config(cell.folder), _yaml_data(cell.cfg)
-    diff = _differences(old, new, _IGNORED)
+    old, new = read_run_config(cell.folder), yaml_data(cell.cfg)
+    diff = config_differences(old, new, IGNORED_FIELDS)
     if diff:
         k = diff[0]
         more = f" (and {len(diff) - 1} more setting(s))" if len(diff) > 1 else ""
@@ -97,7 +97,7 @@ def _check_cell_config(cell: Cell) -> None:
                          f"{more}; give another --output, or delete that run folder to train it anew")
 
 
-def _cell_state(cell: Cell) -> str:
+def cell_state(cell: Cell) -> str:
     """``finished``, ``resume`` (last.pt of an unfinished run), ``restart`` (files, nothing to resume) or ``new``."""
     if not cell.folder.is_dir() or not any(cell.folder.iterdir()):
         return "new"
@@ -114,7 +114,7 @@ def _cell_state(cell: Cell) -> str:
     return "restart" if any((cell.folder / n).exists() for n in RUN_FILES) else "new"
 
 
-def _record(fusion: str, depth: int, seed: int, folder: Path, metric: str, epochs: int | None,
+def run_record(fusion: str, depth: int, seed: int, folder: Path, metric: str, epochs: int | None,
             facts: tuple[int, float] | None) -> RunRecord:
     rec = RunRecord(fusion, depth, seed, str(folder), "missing", epochs)
     if facts is not None:
@@ -151,7 +151,7 @@ def _read_test(folder: Path) -> dict | None:
     return data
 
 
-def _say(progress: bool) -> Callable[[str], None]:
+def progress_printer(progress: bool) -> Callable[[str], None]:
     if progress:
         from tqdm import tqdm
 
@@ -159,15 +159,15 @@ def _say(progress: bool) -> Callable[[str], None]:
     return lambda s: print(s, flush=True)
 
 
-def _done_line(cell: Cell, metric: str) -> str:
-    rec = _record(cell.fusion, cell.depth, cell.seed, cell.folder, metric, cell.cfg.epochs, None)
+def done_line(cell: Cell, metric: str) -> str:
+    rec = run_record(cell.fusion, cell.depth, cell.seed, cell.folder, metric, cell.cfg.epochs, None)
     if rec.best is None:
         return f"{cell.name}: no {metric} recorded"
     return (f"{cell.name}: best {metric} {rec.best:.2f} (epoch {rec.best_epoch + 1}), final {rec.final:.2f}, "
             f"{rec.seconds:.0f} s")
 
 
-def _train_in_process(cell: Cell, state: str, log: Path, trainer: Callable) -> None:
+def train_in_process(cell: Cell, state: str, log: Path, trainer: Callable) -> None:
     with log.open("a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {state} {cell.name}", flush=True)
         try:
@@ -212,7 +212,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _spawn(cell: Cell, state: str, log: Path) -> subprocess.Popen:
+def spawn_cell(cell: Cell, state: str, log: Path) -> subprocess.Popen:
     threads = cell.cfg.threads or 1
     cmd = [sys.executable, "-m", "openaff", "train", "--no-progress", "--threads", str(threads)]
     if state == "resume":
@@ -231,7 +231,7 @@ def _spawn(cell: Cell, state: str, log: Path) -> subprocess.Popen:
         out.close()
 
 
-def _child_error(cell: Cell, rc: int, log: Path) -> StudyError:
+def child_error(cell: Cell, rc: int, log: Path) -> StudyError:
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     errors = [ln for ln in lines if ln.startswith("openaff train: error: ")]
     if errors:
@@ -239,7 +239,7 @@ def _child_error(cell: Cell, rc: int, log: Path) -> StudyError:
     return StudyError(f"run {cell.name} failed with exit status {rc} (log: {log})")
 
 
-def _stop_children(running: dict[subprocess.Popen, Cell], grace: float = 120.0) -> None:
+def stop_children(running: dict[subprocess.Popen, Cell], grace: float = 120.0) -> None:
     """SIGINT every run (it stops at its last checkpoint), wait for them, kill those that do not stop."""
     for proc in running:
         with contextlib.suppress(ProcessLookupError):
@@ -253,7 +253,7 @@ def _stop_children(running: dict[subprocess.Popen, Cell], grace: float = 120.0) 
             proc.wait()
 
 
-def _run_parallel(todo: list[tuple[Cell, str]], jobs: int, logs: Path, on_done: Callable[[Cell], None]) -> None:
+def run_parallel(todo: list[tuple[Cell, str]], jobs: int, logs: Path, on_done: Callable[[Cell], None]) -> None:
     queue = list(todo)
     running: dict[subprocess.Popen, Cell] = {}
     failure: StudyError | None = None
@@ -261,7 +261,7 @@ def _run_parallel(todo: list[tuple[Cell, str]], jobs: int, logs: Path, on_done: 
         while queue or running:
             while queue and len(running) < jobs and failure is None:
                 cell, state = queue.pop(0)
-                running[_spawn(cell, state, logs / f"{cell.name}.log")] = cell
+                running[spawn_cell(cell, state, logs / f"{cell.name}.log")] = cell
             if not running:
                 break
             time.sleep(0.2)
@@ -272,20 +272,20 @@ def _run_parallel(todo: list[tuple[Cell, str]], jobs: int, logs: Path, on_done: 
                 elif proc.returncode == 130:
                     raise KeyboardInterrupt  # a run was interrupted from outside: stop the study the same way
                 elif failure is None:
-                    failure = _child_error(cell, proc.returncode, logs / f"{cell.name}.log")
+                    failure = child_error(cell, proc.returncode, logs / f"{cell.name}.log")
             if failure is not None and not running:
                 raise failure
     except BaseException:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the runs
         try:
-            _stop_children(running)
+            stop_children(running)
         finally:
             signal.signal(signal.SIGINT, previous)
         raise
 
 
 @contextlib.contextmanager
-def _lock(folder: Path):
+def study_lock(folder: Path):
     import fcntl  # POSIX; imported here so that `openaff` itself loads everywhere
 
     path = folder / ".study.lock"

@@ -16,7 +16,7 @@ from ..training.config import TrainConfig, make_config
 from ..training.datasets import DATASET_STATS, resolve_source
 from ..training.tasks import task_for_model
 from .paper import TABLE_FUSIONS
-from .runs import _IGNORED, _differences, _yaml_data
+from .runs import IGNORED_FIELDS, config_differences, yaml_data
 from .scenarios import DATA_CHOICES, Scenario, StudyError, split_fusion_spec
 
 OVERRIDES = ("epochs", "limit_train", "limit_val", "width_mult")  # study-level: part of every run's numbers
@@ -122,8 +122,8 @@ def _base_config(scn: Scenario, recipe: str, data: str | None, cifar100_labels: 
 
 
 def _base_data(base: TrainConfig) -> dict:
-    data = _yaml_data(base)
-    for key in ("model", "seed", *_IGNORED):
+    data = yaml_data(base)
+    for key in ("model", "seed", *IGNORED_FIELDS):
         data.pop(key, None)
     return data
 
@@ -134,8 +134,9 @@ def _data_facts(cfg: TrainConfig) -> tuple[int, int, int]:
     Loaded as training will load it: a segmenter's masks have one class more (background) than the
     scenes' labels, and its parameter count depends on that.
     """
-    mean, std = DATASET_STATS[resolve_source(cfg.data, cfg.data_dir)[0]]
-    data = task_for_model(cfg.model).load_data(cfg, False, mean, std)
+    kind, _ = resolve_source(cfg.data, cfg.data_dir)
+    mean, std = DATASET_STATS[kind]
+    data = task_for_model(cfg.model).load_data(cfg, kind, False, mean, std)
     return data.num_classes, data.in_chans, data.img_size
 
 
@@ -177,7 +178,7 @@ def _adopt(out: Path, settings: StudySettings) -> StudySettings:
         if getattr(old, key) != getattr(settings, key):
             raise StudyError(f"{out} holds a {key} {getattr(old, key)} study, not {getattr(settings, key)}; "
                              "give another --output")
-    diff = _differences(old.base, settings.base, set())
+    diff = config_differences(old.base, settings.base, set())
     if diff:
         k = diff[0]
         raise StudyError(f"{out} holds a study with {k}={old.base.get(k)!r}, not {settings.base.get(k)!r}; only "

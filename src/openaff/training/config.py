@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer, is_number
 from .schedules import SCHEDULES
 from .tasks import task_for_model
 
@@ -292,10 +292,10 @@ def _scalar(value: Any, tp: Any, md: typing.Mapping) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if tp is int:
         # bool is an int subclass (``epochs: yes``); 1.5 would be rounded somewhere downstream.
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_integer(value)
         return ok and _in_bounds(value, md), value
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = is_number(value) and math.isfinite(value)
         return ok and _in_bounds(value, md), float(value) if ok else value
     if tp is str:
         ok = isinstance(value, str) and value != ""

@@ -95,7 +95,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo, train: bool = True, mean: tuple
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
     mean = tuple(mean) if mean is not None else DATASET_STATS[kind][0]
     std = tuple(std) if std is not None else DATASET_STATS[kind][1]
-    data = task.load_data(cfg, train, mean, std)
+    data = task.load_data(cfg, kind, train, mean, std)
     if len(mean) != data.in_chans or len(std) != data.in_chans:
         raise DataError(f"normalisation mean {mean} / std {std} has {len(mean)}/{len(std)} values but the images of "
                         f"{cfg.data_dir or cfg.data} have {data.in_chans} channel(s)")

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from ..errors import ConfigError, CorruptImageError, DataError
+from ..errors import CorruptImageError, DataError, check_int
 
 __all__ = ["DATASET_STATS", "DATA_KINDS", "FASHION_MNIST_DIR", "SCENES_CANVAS", "ImageData", "InMemoryImages",
            "SafeImageFolder", "check_limit", "detect_kind", "load_cifar", "load_fashion_mnist", "load_image_folder",
@@ -144,9 +144,7 @@ def check_limit(n: int | None, what: str = "limit") -> int | None:
     """
     if n is None:
         return None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"{what} must be a positive number of images, got {n!r}")
-    return n
+    return check_int(n, f"{what} must be a positive number of images")
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -35,7 +35,7 @@ import timm
 import torch
 
 from ..cpu_memory import apply_cpu_alloc
-from ..errors import CheckpointError, ConfigError, DataError, run_command
+from ..errors import CheckpointError, ConfigError, DataError, check_int, is_integer, is_number, run_command
 from ..files import check_output_file, write_output_file
 from ..hub import read_source
 from . import distributed
@@ -83,7 +83,7 @@ class _Recorded:
         rec.img_size = _int(size[-1] if isinstance(size, (list, tuple)) and size else size)
         rec.mean, rec.std = _floats(meta.get("mean")), _floats(meta.get("std"))
         crop = meta.get("crop_pct")
-        rec.crop_pct = float(crop) if isinstance(crop, (int, float)) and not isinstance(crop, bool) else None
+        rec.crop_pct = float(crop) if is_number(crop) else None
         rec.data = meta.get("data") if isinstance(meta.get("data"), str) else None
         rec.data_dir = meta.get("data_dir") if isinstance(meta.get("data_dir"), str) else None
         labels = meta.get("label_names")
@@ -92,7 +92,7 @@ class _Recorded:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return value if is_integer(value) and value > 0 else None
 
 
 def _floats(value: Any) -> tuple[float, ...] | None:
@@ -184,8 +184,8 @@ def evaluate(weights: str | Path, model: str | None = None, data: str | None = N
         ``confusion`` (rows: true class, columns: predicted).
     """
     check_limit(limit, "limit")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a positive number, got {threads!r}")
+    if threads is not None:
+        check_int(threads, "threads must be a positive number")
     sd, rec = _load_source(weights, use_ema)
     notes: list[str] = []
     name = model or rec.model

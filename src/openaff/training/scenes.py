@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_int, check_number
 from .datasets import FASHION_MNIST_DIR, InMemoryImages, SeededTransform, check_limit, load_fashion_mnist
 
 __all__ = ["FASHION_MNIST_CLASSES", "FashionMNISTScenes", "boxes_from_masks", "save_sample_grid", "side_bins"]
@@ -120,11 +120,8 @@ def side_bins(smallest: int, largest: int, n: int = 4) -> list[tuple[int, int]]:
 
 
 def _check_int(value: object, what: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo \
-            or (hi is not None and value > hi):
-        bound = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
-        raise ConfigError(f"fashion-mnist-scenes: {what} must be {bound}, got {value!r}")
-    return int(value)
+    bound = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
+    return int(check_int(value, f"fashion-mnist-scenes: {what} must be {bound}", lo=lo, hi=hi))
 
 
 def _check_range(value: object, what: str, lo: int, hi: int) -> tuple[int, int]:
@@ -167,10 +164,8 @@ class FashionMNISTScenes(Dataset):
         default_max = max(14, round(self.canvas * 11 / 16))
         self.sides = _check_range(sides if sides is not None else (14, default_max), "sides", 10, self.canvas)
         self.clutter = _check_range(clutter, "clutter", 0, 8)
-        if isinstance(max_occlusion, bool) or not isinstance(max_occlusion, (int, float)) \
-                or not 0 <= max_occlusion <= 0.5:
-            raise ConfigError(f"fashion-mnist-scenes: max_occlusion must be a fraction from 0 to 0.5, "
-                              f"got {max_occlusion!r}")
+        check_number(max_occlusion, "fashion-mnist-scenes: max_occlusion must be a fraction from 0 to 0.5", lo=0,
+                     hi=0.5)
         self.max_occlusion = float(max_occlusion)
         self.split = split
         if items is None:

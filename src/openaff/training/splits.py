@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, check_int
 from .datasets import (
     DATASET_STATS,
     SCENES_CANVAS,
@@ -95,9 +95,8 @@ def load_data(data: str, data_dir: str | None, *, train: bool = True, cifar100_l
         return ImageData(kind, tr, val, len(val.classes), 3, img_size or 224, mean, std, False, val.classes)
     if kind == "fashion-mnist-scenes":
         canvas = SCENES_CANVAS if img_size is None else img_size
-        if isinstance(canvas, bool) or not isinstance(canvas, int) or canvas < 28:
-            raise DataError(f"fashion-mnist-scenes: --img-size (the canvas side) must be at least 28 (an item's "
-                            f"side), got {canvas!r}")
+        check_int(canvas, "fashion-mnist-scenes: --img-size (the canvas side) must be at least 28 (an item's side)",
+                  lo=28, error=DataError)
         val = FashionMNISTScenes(root, "val", canvas)
         tr = FashionMNISTScenes(root, "train", canvas) if train else None
         test, held = None, resolve_holdout(holdout, kind, len(tr)) if train else 0

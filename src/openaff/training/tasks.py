@@ -23,7 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 from ..errors import ConfigError
-from .datasets import SCENES_CANVAS, ImageData, SeededTransform, resolve_source
+from .datasets import SCENES_CANVAS, ImageData, SeededTransform
 from .distributed import DistInfo
 from .engine import evaluate as evaluate_classifier
 from .history import COLUMNS, plot_curves, write_csv
@@ -56,14 +56,17 @@ class Task:
     card_scores: tuple[str, ...] = ()  # the scores a model card lists
     command: str = "openaff train"  # the command that trains it (model cards)
     model_kind: str = "model"  # what a model card calls the model ("classifier")
+    pipeline_tag: str = ""  # the Hugging Face Hub's task of the model card ("image-classification")
+    model_type: str = ""  # the card's "Model Type" entry
 
     def claims(self, model: str) -> bool:
         """Whether runs of ``model`` (a timm name) are this task's."""
         raise NotImplementedError
 
-    def load_data(self, cfg: TrainConfig, train: bool, mean: tuple[float, ...],
+    def load_data(self, cfg: TrainConfig, kind: str, train: bool, mean: tuple[float, ...],
                   std: tuple[float, ...]) -> ImageData:
-        """The splits of ``cfg``'s data set with this task's targets and per-image transforms."""
+        """The splits of ``cfg``'s data set (of ``kind``, as :func:`resolve_source` found it) with this task's targets
+        and per-image transforms."""
         raise NotImplementedError
 
     def pipelines(self, cfg: TrainConfig, data: ImageData, device: torch.device) -> tuple[Any, Any]:
@@ -114,13 +117,13 @@ class ClassificationTask(Task):
 
     name, metric, metric_label, scores = "classify", "val_top1", "top-1", ("val_top1", "val_top5")
     card_scores, model_kind = scores, "classifier"
+    pipeline_tag, model_type = "image-classification", "Image classification / feature backbone"
 
     def claims(self, model: str) -> bool:
         return True
 
-    def load_data(self, cfg: TrainConfig, train: bool, mean: tuple[float, ...],
+    def load_data(self, cfg: TrainConfig, kind: str, train: bool, mean: tuple[float, ...],
                   std: tuple[float, ...]) -> ImageData:
-        kind, _ = resolve_source(cfg.data, cfg.data_dir)
         img_size = cfg.img_size or {"imagefolder": 224, "fashion-mnist-scenes": SCENES_CANVAS}.get(kind)
         train_tf, eval_tf = build_transforms(cfg, kind, img_size or 32, mean, std)
         seeded = SeededTransform(train_tf, cfg.seed) if train_tf else None
