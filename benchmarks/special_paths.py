@@ -21,6 +21,10 @@ Cases (one child process each, 2 threads, freed memory retained as ``openaff ben
   autocast, channels_last (what the study, segmentation and CAM work train here, in its fastest setting).
 * ``train-r50``: ``aff_resnet50`` training step, SGD, batch 8, 3x160x160, fp32, channels_last.
 
+Two paths measured here at commit 2f888db bought under 3 % where they act and were removed (issue 22): the
+batched-product 1x1 convolutions of NCHW evaluation and the direct branch folding in ``MSCAM.logits``; their rows
+are in ``results/special-paths.md``.
+
 The CUDA paths (compiled blend kernels, recompute's time on a GPU) are measured by
 ``benchmarks/gpu_check.sh`` (steps ``kernels``, ``compiled-recompute``). Writes ``OUT/special-paths.json``
 and ``.md`` (default ``benchmarks/results``).
@@ -51,11 +55,6 @@ PATHS = {
     "on-the-fly BN folding": ("mscam._branch_eval", "in eval without autograd each MS-CAM branch folds its BNs "
                               "into its 1x1 convs (global branch as `F.linear` on B x C), vs the modules as they are",
                               EVAL),
-    "batched-product 1x1 convs": ("mscam._conv1x1_eval", "CPU NCHW eval: the folded local branch as `matmul` on "
-                                  "B x C x HW, vs `F.conv2d`", ("eval-nchw", "eval-nchw-fusions")),
-    "direct branch folding in logits": ("mscam.MSCAM.logits", "eval: `logits` calls `_branch_eval` itself, one "
-                                        "module call fewer per branch, vs calling the branches",
-                                        EVAL),
     "channels_last BN (< 16 ch)": ("channels_last_norm.channels_last_batch_norm", "CPU training BN of a channels_last "
                                    "tensor with few channels as a (B·H) x (W·C) matrix, vs `F.batch_norm`",
                                    ("train-small",)),
@@ -112,12 +111,6 @@ def path_off(name: str, model):
                 fusion, "attention_blend", lambda *a, inplace=False, **k: blend(*a, inplace=False, **k)))
         elif name == "on-the-fly BN folding":
             stack.enter_context(mock.patch.object(mscam, "_branch_eval", lambda branch, x: None))
-        elif name == "batched-product 1x1 convs":
-            stack.enter_context(mock.patch.object(
-                mscam, "_conv1x1_eval", lambda x, w, b: F.conv2d(x, w[:, :, None, None], b)))
-        elif name == "direct branch folding in logits":
-            stack.enter_context(mock.patch.object(
-                mscam.MSCAM, "logits", lambda self, x: (self._modules[self._first](x), self._modules[self._second](x))))
         elif name == "channels_last BN (< 16 ch)":
             stack.enter_context(mock.patch.object(mscam, "use_channels_last_batch_norm", lambda x: False))
         elif name == "widened broadcast operand":
@@ -135,14 +128,11 @@ def path_off(name: str, model):
 
 
 # Path name -> (object in openaff.layers, attribute) whose calls show the path, and which variant calls it: "with"
-# (the default runs it, path_off does not) or "variant" (only path_off's variant does: the opt-in recompute, and the
-# branch modules that direct folding in ``logits`` skips).
+# (the default runs it, path_off does not) or "variant" (only path_off's variant does: the opt-in recompute).
 _TAKEN = {
     "fused blend": ("fusion", "attention_blend", "with"),
     "in-place eval blend": ("fusion", "attention_blend", "with"),
     "on-the-fly BN folding": ("mscam", "_branch_eval", "with"),
-    "batched-product 1x1 convs": ("mscam", "_conv1x1_eval", "with"),
-    "direct branch folding in logits": ("mscam.ContextBranch", "forward", "variant"),
     "channels_last BN (< 16 ch)": ("mscam", "channels_last_batch_norm", "with"),
     "widened broadcast operand": ("fused_ops", "broadcast_operand", "with"),
     "channels_last pooling gradient": ("mscam._ChannelsLastGlobalMean", "apply", "with"),

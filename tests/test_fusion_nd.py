@@ -51,7 +51,7 @@ def test_every_type_in_1d_and_3d_is_the_formula(name, options, dims, training):
 @pytest.mark.parametrize("dims", [1, 3])
 @pytest.mark.parametrize("name, options", CASES, ids=CASE_IDS)
 def test_fast_path_is_the_formula_path_in_1d_and_3d(name, options, dims):
-    # Evaluation without autograd folds the BatchNorms on the fly (batched products on the CPU); with autograd,
+    # Evaluation without autograd folds the BatchNorms on the fly (1x1 convolutions of any rank); with autograd,
     # the fused blend; both against the written-out `formula` (what FX and TorchScript compute).
     m, _ = _pair(name, options, dims, False)
     if not hasattr(m, "formula"):

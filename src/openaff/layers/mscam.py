@@ -237,6 +237,7 @@ CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _POOLS: dict[int, type[nn.Module]] = {1: GlobalAvgPool1d, 2: GlobalAvgPool2d, 3: GlobalAvgPool3d}
 _ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _POINTWISE = {nn.Conv1d: ((1,), (0,)), nn.Conv2d: ((1, 1), (0, 0)), nn.Conv3d: ((1, 1, 1), (0, 0, 0))}
+_CONV_FNS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # by the rank of the input
 _BatchNorm = nn.modules.batchnorm._BatchNorm  # every BatchNorm with running statistics, SyncBatchNorm included
 
 
@@ -273,30 +274,9 @@ def _folded(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm | None) -> tupl
     return w * scale[:, None], shift
 
 
-def _conv1x1_eval(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution (``C_out x C_in`` weight) of ``x`` in evaluation.
-
-    On the CPU with an NCHW input it is a batched matrix product: oneDNN reorders an NCHW tensor into
-    its blocked layout around every convolution, which for the MS-CAM's ``C -> C/16 -> C`` bottleneck
-    costs more than the arithmetic (batch 8, fp32, 2 threads: 10.4 ms as convolutions against 5.0 ms
-    as products at 1024 x 14 x 14, 43.6 against 14.2 at 256 x 56 x 56: ``benchmarks/cpu_conv1x1.py``).
-    In channels_last oneDNN's own path is as fast or faster, so it stays. Inputs of rank 1 and 3 (``B x C x L``,
-    ``B x C x D x H x W``) take the same products when contiguous, their convolution otherwise.
-    """
-    if x.device.type == "cpu" and x.is_contiguous():
-        if x.dim() == 4:
-            n, c, h, wd = x.shape
-            y = torch.matmul(w, x.view(n, c, h * wd))
-            if b is not None:
-                y.add_(b[:, None])
-            return y.view(n, w.shape[0], h, wd)
-        y = torch.matmul(w, x.flatten(2))
-        if b is not None:
-            y.add_(b[:, None])
-        return y.view(x.shape[0], w.shape[0], *x.shape[2:])
-    if x.dim() == 4:
-        return F.conv2d(x, w[:, :, None, None], b)
-    return (F.conv1d if x.dim() == 3 else F.conv3d)(x, w.view(*w.shape, *(1,) * (x.dim() - 2)), b)
+def _conv1x1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution of ``x`` (``B x C x ...``, rank 1 to 3) with a ``C_out x C_in`` weight."""
+    return _CONV_FNS[x.dim()](x, w.view(*w.shape, *(1,) * (x.dim() - 2)), b)
 
 
 def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
@@ -329,7 +309,7 @@ def _branch_eval(branch: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
             bn = mods[i + 1] if i + 1 < len(mods) else None
             bn = bn if isinstance(bn, _BatchNorm) and bn.running_mean is not None and not bn.training else None
             w, b = _folded(m, bn)
-            x = F.linear(x, w, b) if pooled else _conv1x1_eval(x, w, b)
+            x = F.linear(x, w, b) if pooled else _conv1x1(x, w, b)
             i += 2 if bn is not None else 1
         elif isinstance(m, nn.ReLU):
             x, i = torch.relu_(x), i + 1
@@ -452,13 +432,7 @@ class MSCAM(nn.Module):
         their blend. In evaluation without autograd the branches fold their BatchNorms on the fly
         (:class:`ContextBranch`).
         """
-        first, second = self._modules[self._first], self._modules[self._second]
-        if not torch.is_grad_enabled() and not isinstance(x, torch.fx.Proxy):
-            # The branches' own folding, called directly: one module call fewer per branch on every pass.
-            a = None if first.training else _branch_eval(first, x)
-            b = None if second.training else _branch_eval(second, x)
-            return first(x) if a is None else a, second(x) if b is None else b
-        return first(x), second(x)
+        return self._modules[self._first](x), self._modules[self._second](x)
 
     def branch_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`logits` in a form TorchScript compiles (what scripted and traced models call)."""

@@ -19,8 +19,8 @@ Function), BatchNorm folded on the fly, in-place ops, input checks in Python. Th
   the same formulas with the branches unfolded: the fused blend is an autograd Function (a Python op
   TorchScript can neither compile nor save) and the folding code is not scriptable.
 * ``torch.jit.trace``, which the legacy (TorchScript-based) ONNX exporter uses: the same, because the
-  folded branches' batched products (``view`` of ``B x C x HW``) and the autograd Function would freeze
-  the example's batch size into the trace and leave a Python op ONNX cannot export.
+  folded branches (weights formed from the BatchNorm statistics as the model runs) would be frozen into the
+  trace as constants, and the autograd Function would leave a Python op ONNX cannot export.
 """
 
 import torch
