@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _report import run_meta, write_report  # noqa: E402
 from cpu_train_small import PAIRS  # noqa: E402  (the models and their add twins)
 
 
@@ -68,23 +67,18 @@ def main(argv: list[str] | None = None) -> int:
             row["vs_twin_before"] = round(statistics.median(twin_ratios["before"][name]), 3)
             row["vs_twin_after"] = round(statistics.median(twin_ratios["after"][name]), 3)
         rows.append(row)
-    command = "python benchmarks/before_after.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
-            "setting": f"{args.amp}, {'NCHW' if args.nchw else 'channels_last'}", "rounds": args.rounds,
-            "steps": args.steps, "before": str(args.before), "after": str(args.after)}
+    layout = "NCHW" if args.nchw else "channels_last"
+    meta = run_meta("before_after.py", argv, args.threads, setting=f"{args.amp}, {layout}",
+                    rounds=args.rounds, steps=args.steps, before=str(args.before), after=str(args.after))
     lines = [f"**Training step before / after** ({meta['setting']}, batch 128, 1x48x48, width_mult 0.25, "
              f"{args.threads} threads; median over {args.rounds} rounds x {args.steps} steps, the trees alternating). "
-             f"{meta['date']}, {meta['machine']}.", "", f"`{command}`", "",
+             f"{meta['date']}, {meta['machine']}.", "", f"`{meta['command']}`", "",
              "| model | before ms | after ms | after / before | vs add twin, before | vs add twin, after |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['model']}` | {r['before_ms']} | {r['after_ms']} | {r['after_over_before']} | "
                      f"{r.get('vs_twin_before', '')} | {r.get('vs_twin_after', '')} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "before-after.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "before-after.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "before-after", meta, rows, lines)
     return 0
 
 

@@ -13,15 +13,14 @@ Writes ``OUT/cpu-batchnorm-cl.json`` and ``.md`` (default ``benchmarks/results``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import run_meta, write_report  # noqa: E402
 
 
 def _ways(ours, mean, var, weight, bias) -> dict:  # noqa: ANN001  (tensors)
@@ -49,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     from openaff.cpu_memory import retain_freed_memory
     from openaff.layers import mscam
     from openaff.layers.channels_last_norm import channels_last_batch_norm
-    from openaff.machine import cpu_name
 
     retain_freed_memory()
     torch.set_num_threads(args.threads)
@@ -82,20 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             ms[name] = statistics.median(times[args.repeats // 6:]) * 1e3
         rows.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
                      **{f"{k}_ms": round(v, 2) for k, v in ms.items()}})
-    command = "python benchmarks/cpu_batchnorm_cl.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{cpu_name()}, {args.threads} threads",
-            "torch": torch.__version__, "repeats": args.repeats}
+    meta = run_meta("cpu_batchnorm_cl.py", argv, args.threads, repeats=args.repeats)
     lines = [f"**channels_last BatchNorm, training forward + backward** ({meta['machine']}, torch {meta['torch']}, "
-             f"{meta['date']}; median of the last {args.repeats - args.repeats // 6} of {args.repeats} calls)", "",
+             f"{meta['date']}, commit {meta.get('commit', '?')}; median of the last "
+             f"{args.repeats - args.repeats // 6} of {args.repeats} calls)", "",
              f"`{meta['command']}`", "", "| shape | dtype | ours ms | F.batch_norm ms | via NCHW ms |",
              "|---|---|---:|---:|---:|"]
     lines += [f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['ours_ms']} | {r['F.batch_norm_ms']} | "
               f"{r['via NCHW_ms']} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu-batchnorm-cl.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "cpu-batchnorm-cl.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "cpu-batchnorm-cl", meta, rows, lines)
     return 0
 
 

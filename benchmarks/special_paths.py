@@ -35,13 +35,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import run_meta, write_report  # noqa: E402
 
 EVAL = ("eval-nchw", "eval-cl", "eval-nchw-fusions", "eval-cl-fusions")
 
@@ -309,19 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                          "saved_mib_with": saved.get(name if name == OPT_IN else "all on"),
                          "saved_mib_without": saved.get("all on" if name == OPT_IN else name)})
         print(f"{case}: {time.perf_counter() - t0:.0f} s", flush=True)
-    import torch
-
-    from openaff.machine import cpu_name
-
-    command = "python benchmarks/special_paths.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{cpu_name() or platform.machine()}, {args.threads} threads", "torch": torch.__version__,
-            "rounds": args.rounds, "tiny": args.tiny, "wall_s": round(time.perf_counter() - t_start)}
-    try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).resolve().parent).stdout.strip()
-    except OSError:
-        pass
+    meta = run_meta("special_paths.py", argv, args.threads, rounds=args.rounds, tiny=args.tiny,
+                    wall_s=round(time.perf_counter() - t_start))
     lines = [("**Smoke test (--tiny: batch 2, 32 px), not evidence.** " if args.tiny else "")
              + f"**Special paths of `openaff.layers`, each on and off in the same process** ({meta['machine']}, "
              f"torch {meta['torch']}, {meta['date']}, commit {meta.get('commit', '?')}; median of {args.rounds} "
@@ -336,10 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['path']} | {r['case']} | {r['with_ms']} | {r['without_ms']} | "
                      f"{r['paired_without_over_with']:.3f} ({r['paired_iqr'][0]:.3f}–{r['paired_iqr'][1]:.3f}) | "
                      f"{sw} | {so} | {r['calls_default_and_off']} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "special-paths.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    (args.out / "special-paths.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "special-paths", meta, rows, lines)
     return 0
 
 
