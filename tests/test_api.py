@@ -19,7 +19,7 @@ def test_top_level_functions_are_the_commands_functions() -> None:
 
 def test_the_module_table_names_import_from_the_package() -> None:
     for name in ("AFF", "IAFF", "MSCAM", "AddFusion", "MSSE", "MSGAU", "MSSA", "ConcatFusion", "AFFGlobalGlobal",
-                 "AFFLocalLocal", "HalfAFF", "ConcatAFF", "RecursiveAFF", "fusion_options", "SCENARIOS"):
+                 "AFFLocalLocal", "HalfAFF", "ConcatAFF", "RecursiveAFF", "fusion_options", "FUSION_SCENARIOS"):
         assert getattr(openaff, name) is getattr(layers, name)
         assert name in openaff.__all__
 

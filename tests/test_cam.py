@@ -34,10 +34,10 @@ from openaff.cam import (
     size_bins,
 )
 from openaff.cli import main
+from openaff.data.scenes import FASHION_MNIST_CLASSES
 from openaff.errors import ConfigError
 from openaff.hub import save_pretrained
 from openaff.study import run_study
-from openaff.training.scenes import FASHION_MNIST_CLASSES
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("skimage")

@@ -26,7 +26,7 @@ from timm.optim import list_optimizers
 
 import openaff
 from openaff.training import ConfigError, TrainConfig, make_config
-from openaff.training.config import to_yaml
+from openaff.training.config import dump_yaml, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,7 +241,7 @@ def assert_one_line_error(rc: int, out: str, err: str, prefix: str) -> None:
 def write_recipe(mapping: dict) -> str:
     fd, path = tempfile.mkstemp(suffix=".yaml")
     with open(fd, "w") as f:
-        yaml.safe_dump(mapping, f)
+        f.write(dump_yaml(mapping))
     return path
 
 

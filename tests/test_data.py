@@ -14,13 +14,13 @@ from _cifar_utils import Reduce, official_cifar10
 from _train_utils import write_cifar, write_fashion_mnist, write_image_folder
 from PIL import Image
 
+from openaff.data.datasets import FASHION_MNIST_DIR, load_cifar, load_fashion_mnist, read_idx
+from openaff.data.loader import BatchPipeline, EvalSampler, TrainSampler, lighting_shift, seed_key
+from openaff.data.splits import load_data
 from openaff.errors import ConfigError, CorruptImageError, DataError
 from openaff.training import make_config
 from openaff.training.data import build_data
-from openaff.training.datasets import FASHION_MNIST_DIR, load_cifar, load_fashion_mnist, read_idx
 from openaff.training.distributed import DistInfo
-from openaff.training.loader import BatchPipeline, EvalSampler, TrainSampler, lighting_shift, seed_key
-from openaff.training.splits import load_data
 
 
 def test_idx_reader_roundtrip(tmp_path: Path) -> None:
@@ -234,7 +234,7 @@ def test_cifar_damaged_batches(tmp_path: Path) -> None:
 
 def test_augment_masks_moves_masks_with_their_images() -> None:
     """Crop and flip of a batch move its masks the same way; boxes follow; padding is background."""
-    from openaff.training.scenes import boxes_from_masks
+    from openaff.data.scenes import boxes_from_masks
 
     g = torch.Generator().manual_seed(0)
     masks = torch.zeros(32, 20, 20, dtype=torch.uint8)
@@ -256,7 +256,7 @@ def test_augment_masks_moves_masks_with_their_images() -> None:
 
 
 def test_scenes_kind_defaults_to_the_debian_package(tmp_path: Path) -> None:
-    from openaff.training.datasets import DATA_KINDS, resolve_source
+    from openaff.data.datasets import DATA_KINDS, resolve_source
 
     assert "fashion-mnist-scenes" in DATA_KINDS
     if Path(FASHION_MNIST_DIR).is_dir():  # no --data-dir needed, as for fashion-mnist

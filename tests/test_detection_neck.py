@@ -15,8 +15,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 import openaff
 from openaff import FusionFeaturePyramidNetwork, FusionFPNBackbone, create_fusion
-from openaff.training.datasets import DATASET_STATS
-from openaff.training.scenes import FashionMNISTScenes
+from openaff.data.datasets import DATASET_STATS
+from openaff.data.scenes import FashionMNISTScenes
 
 IN_CHANNELS = [8, 16, 32]
 

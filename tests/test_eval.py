@@ -15,9 +15,9 @@ from _mxnet_fixtures import COMPACT
 from _train_utils import TINY, write_fashion_mnist, write_image_folder
 
 from openaff.cli import main
+from openaff.data.datasets import load_cifar, load_fashion_mnist
 from openaff.files import load_weights, save_weights
 from openaff.training import CheckpointError, ConfigError, make_config
-from openaff.training.datasets import load_cifar, load_fashion_mnist
 from openaff.training.evaluate import evaluate
 from openaff.training.train import train
 

@@ -10,9 +10,9 @@ from _layer_utils import randomize
 
 from openaff.layers import (
     AFF,
+    FUSION_SCENARIOS,
     IAFF,
     MSCAM,
-    SCENARIOS,
     ContextBatchNorm2d,
     create_fusion,
     fusion_names,
@@ -267,7 +267,7 @@ def test_weight_names_of_aff_and_iaff_stay_the_authors():
 
 @pytest.mark.parametrize("name", ZOO)
 def test_scenario_contract(name):
-    built = {s: create_fusion(name, 16, 4, scenario=s) for s in SCENARIOS}
+    built = {s: create_fusion(name, 16, 4, scenario=s) for s in FUSION_SCENARIOS}
     assert all(m.scenario == s for s, m in built.items())
     # Long skip is the short-skip module (AFF with its factor 2, Concat with its BN).
     shapes = {s: {k: v.shape for k, v in m.state_dict().items()} for s, m in built.items()}

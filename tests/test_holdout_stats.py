@@ -10,11 +10,11 @@ import pytest
 import torch
 from _train_utils import write_fashion_mnist
 
+from openaff.data.splits import holdout_indices, load_data, resolve_holdout
 from openaff.errors import DataError
 from openaff.stats import contrast_table, holm, paired_contrast, parse_contrasts
 from openaff.study import StudyError, resolve_contrasts, split_fusion_spec
 from openaff.training import make_config
-from openaff.training.splits import holdout_indices, load_data, resolve_holdout
 from openaff.training.train import train
 
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from openaff.cli import main
+from openaff.data.datasets import DATASET_STATS, FASHION_MNIST_DIR, load_fashion_mnist
+from openaff.data.loader import EvalSampler, make_loader
+from openaff.data.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes, boxes_from_masks, save_sample_grid
+from openaff.data.splits import load_data
 from openaff.errors import ConfigError, DataError
-from openaff.training.datasets import DATASET_STATS, FASHION_MNIST_DIR, load_fashion_mnist
-from openaff.training.loader import EvalSampler, make_loader
-from openaff.training.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes, boxes_from_masks, save_sample_grid
-from openaff.training.splits import load_data
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").exists(),
                                 reason="Debian package dataset-fashion-mnist not installed")

@@ -184,7 +184,7 @@ def test_joint_transform_moves_masks_with_images_and_never_blends_labels(voc: Pa
 
 
 def test_scene_masks_and_the_batched_joint_augmentation(tmp_path: Path):
-    from openaff.training.scenes import FashionMNISTScenes
+    from openaff.data.scenes import FashionMNISTScenes
 
     fm = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=16)
     scenes = SceneMasks(FashionMNISTScenes(fm, "train", 32))

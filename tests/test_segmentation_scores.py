@@ -15,6 +15,8 @@ import torch
 from _train_utils import env, write_fashion_mnist
 
 from openaff.cli import main
+from openaff.data.loader import EvalSampler, make_loader
+from openaff.data.scenes import FashionMNISTScenes
 from openaff.segmentation import create_segmenter
 from openaff.segmentation.data import SceneMasks, SegmentationPipeline, seg_collate
 from openaff.segmentation.fpn import fusion_share
@@ -31,8 +33,6 @@ from openaff.segmentation.rescore import paired_contrast
 from openaff.segmentation.task import SEGMENT
 from openaff.training import make_config
 from openaff.training.distributed import DistInfo
-from openaff.training.loader import EvalSampler, make_loader
-from openaff.training.scenes import FashionMNISTScenes
 from openaff.training.train import train
 
 X = IGNORE_INDEX

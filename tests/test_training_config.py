@@ -13,10 +13,10 @@ from PIL import Image
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from openaff.cli import build_parser
+from openaff.data.datasets import DATASET_STATS
 from openaff.training import ConfigError, load_recipe, make_config, recipe_names
-from openaff.training.config import config_from_args
+from openaff.training.config import config_from_args, dump_yaml, to_yaml
 from openaff.training.data import build_data, build_transforms
-from openaff.training.datasets import DATASET_STATS
 from openaff.training.distributed import DistInfo
 from openaff.training.factory import build_training
 
@@ -116,3 +116,13 @@ def test_bad_configs(tmp_path: Path) -> None:
         make_config(str(bad))
     bad.write_text("model: aff_cifar_resnet8\nepochs: 2\n")
     assert make_config(str(bad)).epochs == 2
+
+
+def test_a_string_that_reads_as_a_number_round_trips_through_the_printed_recipe(tmp_path):
+    # The recipe loader reads 1e5 as a number (YAML 1.2); the printed recipe must quote such a string, or
+    # a folder named "1e5" would come back as the float 100000.0 and be refused.
+    cfg = make_config(None, data="imagefolder", data_dir="1e5")
+    path = tmp_path / "printed.yaml"
+    path.write_text(to_yaml(cfg))
+    assert make_config(str(path)).data_dir == "1e5"
+    assert dump_yaml({"data": "0E0", "lr": 1e-4}) == "data: '0E0'\nlr: 0.0001\n"

@@ -16,12 +16,12 @@ from typing import Any
 from . import models
 from .layers import (
     AFF,
+    FUSION_SCENARIOS,
     IAFF,
     MSCAM,
     MSGAU,
     MSSA,
     MSSE,
-    SCENARIOS,
     AddFusion,
     AFFGlobalGlobal,
     AFFLocalLocal,
@@ -49,7 +49,7 @@ __version__ = "0.1.0"
 _LAZY = {"train": "openaff.training.train", "evaluate": "openaff.training.evaluate",
          "load_pretrained": "openaff.hub", "save_pretrained": "openaff.hub"}
 
-__all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "SCENARIOS", "AFFGlobalGlobal", "AFFLocalLocal",
+__all__ = ["AFF", "IAFF", "MSCAM", "MSGAU", "MSSA", "MSSE", "FUSION_SCENARIOS", "AFFGlobalGlobal", "AFFLocalLocal",
            "AddFusion", "AlignedFusion", "ConcatAFF", "ConcatFusion", "ContextSyncBatchNorm", "FusionFPNBackbone",
            "FusionFeaturePyramidNetwork", "HalfAFF",
            "MSCAMAttention", "MultiInputAFF", "MultiInputIAFF", "RecursiveAFF", "convert_sync_batchnorm",

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.datasets import FASHION_MNIST_DIR
+from ..data.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes
 from ..errors import ConfigError, CorruptImageError, DataError
 from ..photos import IMAGE_SUFFIXES, PHOTOS, photo
-from ..training.datasets import FASHION_MNIST_DIR
-from ..training.scenes import FASHION_MNIST_CLASSES, FashionMNISTScenes
 from .models import CamModel
 
 __all__ = ["IMAGE_SUFFIXES", "PHOTOS", "Sample", "load_images", "photo_samples", "scene_samples"]
@@ -100,7 +100,7 @@ def photo_samples(names: Sequence[str] = PHOTOS) -> list[Sample]:
 
 def scene_samples(indices: Sequence[int], *, canvas: int = 64, split: str = "val", seed: int = 0,
                   data_dir: str | Path | None = None, clutter: tuple[int, int] | None = None) -> list[Sample]:
-    """``fashion-mnist-scenes`` scenes with their class, box and pasted side (see :mod:`openaff.training.scenes`).
+    """``fashion-mnist-scenes`` scenes with their class, box and pasted side (see :mod:`openaff.data.scenes`).
 
     Args:
         indices: scene indices of the split.

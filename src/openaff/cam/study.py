@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from ..data.datasets import FASHION_MNIST_DIR
+from ..data.scenes import FashionMNISTScenes
 from ..errors import ConfigError, DataError, check_int
 from ..machine import cpu_name
-from ..training.datasets import FASHION_MNIST_DIR
 from ..training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
-from ..training.scenes import FashionMNISTScenes
 from .baselines import BASELINES
 from .faithfulness import ROAD_PERCENTILES
 from .gradcam import _cam_class, _save, gradcam_grid

@@ -10,11 +10,11 @@ from .fused_ops import (
 )
 from .fusion import (
     AFF,
+    FUSION_SCENARIOS,
     IAFF,
     MSGAU,
     MSSA,
     MSSE,
-    SCENARIOS,
     AddFusion,
     AFFGlobalGlobal,
     AFFLocalLocal,
@@ -42,7 +42,7 @@ __all__ = [
     "MSGAU",
     "MSSA",
     "MSSE",
-    "SCENARIOS",
+    "FUSION_SCENARIOS",
     "AFFGlobalGlobal",
     "AFFLocalLocal",
     "AddFusion",

@@ -16,7 +16,7 @@ class's docstring names the paper's version where it differs): ``add``, ``concat
 (Table 3), ``half_aff``, ``concat_aff``, ``recursive_aff`` (Table 6). All their attentions are one
 :class:`~openaff.layers.mscam.MSCAM` with options.
 
-Scenarios: every built-in type takes ``scenario=`` (:data:`SCENARIOS`, through
+Scenarios: every built-in type takes ``scenario=`` (:data:`FUSION_SCENARIOS`, through
 ``create_fusion(name, channels, r, scenario=...)``), the authors' version for that place of fusion.
 ``"short-skip"`` (default) and ``"long-skip"`` build the same modules; ``"same-layer"`` (two parallel
 convolutions, ``x`` the dilated one) gives AFF/iAFF the single-layer attention, no factor 2 and the
@@ -78,7 +78,7 @@ __all__ = [
     "MSSA",
     "MSSE",
     "NormedAddFusion",
-    "SCENARIOS",
+    "FUSION_SCENARIOS",
     "AFFGlobalGlobal",
     "AFFLocalLocal",
     "AddFusion",
@@ -94,7 +94,7 @@ __all__ = [
 ]
 
 # The paper's three places of fusion (Table 4's column groups); every built-in fusion takes `scenario=`.
-SCENARIOS = ("short-skip", "same-layer", "long-skip")
+FUSION_SCENARIOS = ("short-skip", "same-layer", "long-skip")
 
 _FUSIONS: dict[str, type[nn.Module]] = {}
 
@@ -164,7 +164,7 @@ def create_fusion(name: str, channels: int, r: int = 4, *, dims: int = 2, inputs
         resize: ``"nearest"`` or ``"bilinear"``: inputs of different sizes are resized to the finest one (with
             ``in_channels`` the default is ``"nearest"``).
         options: the type's keyword options (:func:`fusion_options`); every built-in type takes
-            ``scenario`` (one of :data:`SCENARIOS`, default ``"short-skip"``), which selects the
+            ``scenario`` (one of :data:`FUSION_SCENARIOS`, default ``"short-skip"``), which selects the
             authors' version of the module for that place of fusion.
 
     Raises:
@@ -211,12 +211,12 @@ def check_scenario(scenario: str, fusion: str = "fusion") -> str:
     """``scenario`` in its canonical spelling (``"short-skip"``, ...), or a ValueError naming it.
 
     Args:
-        scenario: one of :data:`SCENARIOS` (``_`` for ``-`` and any case accepted).
+        scenario: one of :data:`FUSION_SCENARIOS` (``_`` for ``-`` and any case accepted).
         fusion: the fusion type, for the message.
     """
     key = scenario.lower().replace("_", "-") if isinstance(scenario, str) else None
-    if key not in SCENARIOS:
-        raise ValueError(f"{fusion}: unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+    if key not in FUSION_SCENARIOS:
+        raise ValueError(f"{fusion}: unknown scenario {scenario!r}; choose one of {', '.join(FUSION_SCENARIOS)}")
     return key
 
 
@@ -271,7 +271,7 @@ class _AttentionFusion(nn.Module):
     Args:
         channels: channels of both inputs.
         r: channel reduction of the MS-CAMs.
-        scenario: one of :data:`SCENARIOS` (stored canonical as ``self.scenario``).
+        scenario: one of :data:`FUSION_SCENARIOS` (stored canonical as ``self.scenario``).
         mscams: attribute names of the MS-CAMs to build.
         dims: spatial rank of the inputs (1, 2 or 3).
         mscam_options: keyword options of every :class:`MSCAM` built.
@@ -326,7 +326,7 @@ class AddFusion(nn.Module):
     Args:
         channels: channels of ``x`` and ``y``.
         r: unused.
-        scenario: one of :data:`SCENARIOS`; the same module in all.
+        scenario: one of :data:`FUSION_SCENARIOS`; the same module in all.
         dims: spatial rank of the inputs (any rank adds alike; stored for the record).
     """
 
@@ -390,7 +390,7 @@ class AFF(_SoftSelection):
     Args:
         channels: channels of ``x`` and ``y``.
         r: channel reduction of the MS-CAM (unused by the single-layer attention of the same layer).
-        scenario: one of :data:`SCENARIOS`.
+        scenario: one of :data:`FUSION_SCENARIOS`.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
 
@@ -448,7 +448,7 @@ class IAFF(_SoftSelection):
     Args:
         channels: channels of ``x`` and ``y``.
         r: channel reduction of both MS-CAMs (unused by the same layer's single-layer attention).
-        scenario: one of :data:`SCENARIOS`.
+        scenario: one of :data:`FUSION_SCENARIOS`.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
 
@@ -480,7 +480,7 @@ class ConcatFusion(nn.Module):
     Args:
         channels: channels of ``x`` and ``y`` (and of the output).
         r: unused.
-        scenario: one of :data:`SCENARIOS`.
+        scenario: one of :data:`FUSION_SCENARIOS`.
         norm: BatchNorm on the concatenation or not; None: the authors' choice for ``scenario``.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
@@ -525,7 +525,7 @@ class MSSE(_ModulationFusion):
     Args:
         channels: channels of ``x`` and ``y``.
         r: channel reduction, with ``bottleneck=True`` only.
-        scenario: one of :data:`SCENARIOS`; the same module in all (the authors' code).
+        scenario: one of :data:`FUSION_SCENARIOS`; the same module in all (the authors' code).
         bottleneck: the paper's bottleneck MS-CAM instead of the single-layer attention.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
@@ -588,7 +588,7 @@ class HalfAFF(_ShortSkipVariant):
     Args:
         channels: channels of ``x`` and ``y``.
         r: channel reduction of the halves.
-        scenario: one of :data:`SCENARIOS`.
+        scenario: one of :data:`FUSION_SCENARIOS`.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
 
@@ -625,7 +625,7 @@ class RecursiveAFF(_AttentionFusion):
     Args:
         channels: channels of ``x`` and ``y``.
         r: channel reduction of both MS-CAMs.
-        scenario: one of :data:`SCENARIOS`.
+        scenario: one of :data:`FUSION_SCENARIOS`.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
 

@@ -60,7 +60,7 @@ class _MultiInputSoftSelection(_AttentionFusion):
         channels: channels of every input.
         r: channel reduction of the MS-CAM(s).
         inputs: the number of inputs k (at least 2; 2 is the two-input module's computation).
-        scenario: one of :data:`~openaff.layers.fusion.SCENARIOS`.
+        scenario: one of :data:`~openaff.layers.fusion.FUSION_SCENARIOS`.
         dims: spatial rank of the inputs (1, 2 or 3).
     """
 

@@ -101,7 +101,7 @@ def _rescore(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from ..training.datasets import check_limit
+    from ..data.datasets import check_limit
     from .rescore import rescore
 
     check_limit(args.limit, "--limit")

@@ -2,7 +2,7 @@
 
 Two sources, both yielding ``(uint8 C x H x W image, uint8 H x W mask)``, 255 = ignore:
 
-* ``fashion-mnist-scenes`` (:mod:`openaff.training.scenes`, nothing downloaded): the scene's
+* ``fashion-mnist-scenes`` (:mod:`openaff.data.scenes`, nothing downloaded): the scene's
   per-pixel mask, 0 = background, ``label + 1`` = the item: 11 classes. Batches are made at once,
   in the training process, and augmented on the device.
 * A VOC-style folder: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` and the split lists
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..data.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, read_rgb, resolve_source
+from ..data.loader import BatchPipeline, lighting_shift, seed_key
+from ..data.splits import load_data
 from ..errors import ConfigError, DataError
 from ..training.config import TrainConfig
-from ..training.datasets import DATASET_STATS, SCENES_CANVAS, ImageData, check_limit, read_rgb, resolve_source
-from ..training.loader import BatchPipeline, lighting_shift, seed_key
-from ..training.splits import load_data
 from .metrics import IGNORE_INDEX
 
 __all__ = ["SCALE_RANGE", "SEGMENTATION_KINDS", "VOC_CLASSES", "JointTransform", "SceneMasks", "SegmentationPipeline",
@@ -77,7 +77,7 @@ class SceneMasks(Dataset):
     """fashion-mnist-scenes as a segmentation set: ``(uint8 1 x H x W scene, uint8 H x W mask)``.
 
     Args:
-        scenes: the scenes (:class:`openaff.training.scenes.FashionMNISTScenes`), which make the masks.
+        scenes: the scenes (:class:`openaff.data.scenes.FashionMNISTScenes`), which make the masks.
     """
 
     def __init__(self, scenes: Dataset) -> None:

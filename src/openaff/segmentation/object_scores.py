@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..training.scenes import side_bins
+from ..data.scenes import side_bins
 from .metrics import IGNORE_INDEX
 
 __all__ = ["COUNT_NAMES", "ItemTally", "binned_counts", "foreground_scores", "scene_counts", "scores_from_counts",

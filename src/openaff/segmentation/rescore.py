@@ -34,16 +34,16 @@ from pathlib import Path
 
 import torch
 
+from ..data.datasets import FASHION_MNIST_DIR
+from ..data.loader import EvalSampler, make_loader
+from ..data.scenes import FashionMNISTScenes
 from ..errors import ConfigError, DataError
 from ..files import atomic_write
 from ..hub import load_pretrained
 from ..machine import cpu_name
 from ..stats import paired_contrast
-from ..training.datasets import FASHION_MNIST_DIR
 from ..training.distributed import DistInfo
-from ..training.loader import EvalSampler, make_loader
 from ..training.run_folder import CONFIG_FILE, read_run_config, read_run_metrics
-from ..training.scenes import FashionMNISTScenes
 from .data import SceneMasks, SegmentationPipeline, seg_collate
 from .object_scores import size_columns
 from .task import SEGMENT

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data.datasets import ImageData
 from ..training.config import TrainConfig
-from ..training.datasets import ImageData
 from ..training.distributed import DistInfo, all_reduce_sum
 from ..training.engine import autocast
 from ..training.history import SEGMENT_COLUMNS, plot_curves, write_csv

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..data.datasets import DATASET_STATS, resolve_source
 from ..layers import fusion_names
 from ..training.config import TrainConfig, make_config
-from ..training.datasets import DATASET_STATS, resolve_source
 from ..training.tasks import task_for_model
 from .paper import TABLE_FUSIONS
 from .runs import IGNORED_FIELDS, config_differences, yaml_data

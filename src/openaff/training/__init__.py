@@ -10,11 +10,10 @@
     print(evaluate(result.weights)["top1"])
 
 Modules: ``config`` (recipes, flags), ``tasks`` (what a task is to the engine; classification),
-``datasets`` (readers), ``scenes`` (fashion-mnist-scenes), ``splits`` (train / held-out validation / test
-of a named data set), ``transforms`` (per-image), ``loader`` (samplers, on-device batch pipeline),
-``data`` (loaders for a config), ``factory`` (model, optimiser, EMA, criterion), ``schedules``,
-``engine`` (the loops), ``checkpoint`` and ``resume`` (resume state), ``distributed`` (torchrun, SyncBN),
-``history`` (metrics.csv, curves.png), ``train`` and ``evaluate`` (the commands).
+``transforms`` (per-image), ``data`` (loaders for a config, from the building blocks of :mod:`openaff.data`),
+``factory`` (model, optimiser, EMA, criterion), ``schedules``, ``engine`` (the loops), ``checkpoint`` and
+``resume`` (resume state), ``distributed`` (torchrun, SyncBN), ``history`` (metrics.csv, curves.png), ``train``
+and ``evaluate`` (the commands).
 """
 
 from ..errors import CheckpointError, ConfigError, CorruptImageError, DataError, NonFiniteLossError, OpenAFFError

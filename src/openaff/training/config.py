@@ -347,8 +347,18 @@ class _YAMLLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-4`` as the number YAML 1.2 says it is (1.1 wants ``1.0e-4``)."""
 
 
-_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+class _YAMLDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting a string that :class:`_YAMLLoader` would read as a number (``"1e5"``)."""
+
+
+for _cls in (_YAMLLoader, _YAMLDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def dump_yaml(mapping: dict) -> str:
+    """``mapping`` as a recipe that :func:`load_recipe` reads back as it is (keys in their order)."""
+    return yaml.dump(mapping, Dumper=_YAMLDumper, sort_keys=False)
 
 
 def _yaml(text: str) -> Any:
@@ -514,4 +524,4 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Trai
 
 def to_yaml(cfg: TrainConfig) -> str:
     """The resolved configuration as a recipe."""
-    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+    return dump_yaml(asdict(cfg))

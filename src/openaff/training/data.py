@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.datasets import DATASET_STATS, ImageData, SeededTransform, resolve_source
+from ..data.loader import BatchPipeline, EvalSampler, TrainSampler, collate, make_loader
 from ..errors import ConfigError, DataError
 from .config import TrainConfig
-from .datasets import DATASET_STATS, ImageData, SeededTransform, resolve_source
 from .distributed import DistInfo
-from .loader import BatchPipeline, EvalSampler, TrainSampler, collate, make_loader
 from .tasks import task_for_model
 from .transforms import build_transforms  # noqa: F401  (its public home before transforms.py)
 

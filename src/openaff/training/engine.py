@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data.loader import BatchPipeline
+from ..data.scenes import side_bins
 from ..errors import NonFiniteLossError
 from .distributed import DistInfo, all_reduce_sum
-from .loader import BatchPipeline
-from .scenes import side_bins
 
 __all__ = ["TrainState", "autocast", "evaluate", "train_one_epoch"]
 

@@ -35,13 +35,13 @@ import timm
 import torch
 
 from ..cpu_memory import apply_cpu_alloc
+from ..data.datasets import DATA_KINDS, DATASET_STATS, SCENES_CANVAS, check_limit, resolve_source
 from ..errors import CheckpointError, ConfigError, DataError, check_int, is_integer, is_number, run_command
 from ..files import check_output_file, write_output_file
 from ..hub import read_source
 from . import distributed
 from .config import make_config, parse_model_kwargs
 from .data import build_data
-from .datasets import DATA_KINDS, DATASET_STATS, SCENES_CANVAS, check_limit, resolve_source
 from .factory import create_model
 from .tasks import get_task
 

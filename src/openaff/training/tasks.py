@@ -22,13 +22,13 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from ..data.datasets import SCENES_CANVAS, ImageData, SeededTransform
+from ..data.loader import BatchPipeline, collate
+from ..data.splits import load_data
 from ..errors import ConfigError
-from .datasets import SCENES_CANVAS, ImageData, SeededTransform
 from .distributed import DistInfo
 from .engine import evaluate as evaluate_classifier
 from .history import COLUMNS, plot_curves, write_csv
-from .loader import BatchPipeline, collate
-from .splits import load_data
 from .transforms import build_transforms
 
 if TYPE_CHECKING:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from .. import hub
 from ..cpu_memory import apply_cpu_alloc
+from ..data.splits import HOLDOUT_SEED
 from ..errors import ConfigError, NonFiniteLossError, run_command
 from ..files import atomic_write, check_output_folder, load_weights
 from ..model_card import CARD_NAME, write_run_card
@@ -56,7 +57,6 @@ from .data import DataBundle, build_data
 from .engine import TrainState, train_one_epoch
 from .factory import build_training
 from .resume import Checkpointer, check_finite, load_resume_checkpoint, restore, resume_config
-from .splits import HOLDOUT_SEED
 from .tasks import get_task
 
 __all__ = ["OUTPUT_FILES", "RUN_FILES", "TrainResult", "add_parser", "fresh_run_folder", "train"]

@@ -1,6 +1,6 @@
 """The splits of a named data set: training, validation (held out of training, or the data set's own) and test.
 
-:func:`load_data` turns ``--data``/``--data-dir`` into an :class:`~openaff.training.datasets.ImageData`
+:func:`load_data` turns ``--data``/``--data-dir`` into an :class:`~openaff.data.datasets.ImageData`
 with the readers of :mod:`.datasets` and the scenes of :mod:`.scenes`; the held-out split
 (:func:`resolve_holdout`, :func:`holdout_indices`) is the same on every machine and run.
 """

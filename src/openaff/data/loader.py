@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .scenes import boxes_from_masks  # scenes imports datasets; loader stays free of both at import
+from .scenes import boxes_from_masks
 
 __all__ = ["PCA_EIGVAL", "PCA_EIGVEC", "BatchPipeline", "EvalSampler", "TrainSampler", "collate", "lighting_shift",
            "make_loader", "seed_key"]
