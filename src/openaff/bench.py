@@ -49,9 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalog import list_openaff_models
 from .cpu_memory import apply_cpu_alloc, minor_page_faults
 from .errors import ConfigError, run_alone, run_command
 from .files import check_output_file, write_output_file
+from .folding import fuse_for_inference
+from .layers import AFF, IAFF, fusion_kernels, fusion_names, fusion_recompute, set_fusion_kernels, set_fusion_recompute
 from .machine import cpu_name
 
 __all__ = ["BenchResult", "BenchSettings", "add_parser", "main", "markdown_table", "run_bench"]
@@ -143,8 +146,6 @@ def _naive_iaff(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _make_naive(model: nn.Module) -> int:
     """Give every AFF/iAFF module of ``model`` the term-by-term forward; returns how many."""
-    from .layers import AFF, IAFF
-
     n = 0
     for m in model.modules():
         if type(m) in (AFF, IAFF):
@@ -173,8 +174,6 @@ def _gmacs(name: str, input_size: tuple[int, int, int], num_classes: int) -> flo
 
 
 def _fold(model: nn.Module) -> tuple[nn.Module, str]:
-    from .folding import fuse_for_inference
-
     if _is_ours(model):
         return fuse_for_inference(model), "openaff.folding.fuse_for_inference"
     from torch.fx.experimental.optimization import fuse as fx_fuse
@@ -196,8 +195,6 @@ class _Entry:
     def __init__(self, spec: str, settings: BenchSettings, compiled: bool, device: torch.device,
                  x: torch.Tensor, target: torch.Tensor) -> None:
         import timm
-
-        from .layers import set_fusion_recompute
 
         name, suffixes = _parse_spec(spec)
         self.label = spec
@@ -489,9 +486,6 @@ class BenchSettings:
             if not timm.is_model(arch):
                 raise ConfigError(f"unknown model {arch!r} (see openaff models or timm.list_models())")
             if kwargs:
-                from .catalog import list_openaff_models
-                from .layers import fusion_names
-
                 if arch not in list_openaff_models():
                     raise ConfigError(f"{name!r}: ':fusion' is for openaff's models, not {arch!r}")
                 if kwargs["fusion"] not in fusion_names():
@@ -542,8 +536,6 @@ def run_bench(settings: BenchSettings | None = None, /, *, command: str | None =
     Raises:
         ConfigError: a bad setting (see :meth:`BenchSettings.check`), before any work.
     """
-    from .layers import set_fusion_kernels
-
     try:
         settings = replace(settings or BenchSettings(), **changes).resolved()
     except TypeError as err:
@@ -664,8 +656,6 @@ def run_bench(settings: BenchSettings | None = None, /, *, command: str | None =
         res.throughput_ratio = _ratio(base.ms_median, res.ms_median)
         res.peak_mem_ratio = _ratio(res.peak_mem_mib, base.peak_mem_mib)
         res.saved_ratio = _ratio(res.saved_mib, base.saved_mib)
-
-    from .layers import fusion_kernels, fusion_recompute
 
     meta = dict(
         command=command or settings.command_line(),

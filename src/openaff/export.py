@@ -51,8 +51,10 @@ from torch import nn
 
 from .errors import ConfigError, OpenAFFError, one_line, run_command
 from .files import check_output_file, current_umask, write_output_file
+from .folding import fuse_for_inference
 from .hub import resolve_model
 from .photos import LUMA, PHOTOS, per_channel, photo
+from .training.config import parse_model_kwargs
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "add_parser", "export_model", "real_images", "summary"]
 
@@ -340,8 +342,6 @@ def export_model(model: str | nn.Module, out: str | Path, *, format: str = "onnx
     exported = net
     folded = 0
     if fold_bn:
-        from .folding import fuse_for_inference
-
         exported = fuse_for_inference(net, inplace=False)
         folded = exported.folded_batchnorms
     meta = {"model": name, "model_kwargs": kwargs, "input_size": list(size), "mean": list(data["mean"]),
@@ -436,8 +436,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .training.config import parse_model_kwargs
-
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     if args.json:  # before minutes of exporting
         check_output_file(args.json, "--json", example="export.json")

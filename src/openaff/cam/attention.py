@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..layers.mscam import MSCAM
 from .gradcam import _save, _show
 from .images import Sample, _as_samples, _preprocess
 from .models import CamError, CamModel, _resolve_class, load_model
@@ -64,8 +65,6 @@ class AttentionResult:
 
 
 def _mscams(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ..layers.mscam import MSCAM
-
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MSCAM)]
 
 

@@ -65,6 +65,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import check_int
 from .fused_ops import attention_blend, fusion_recompute, recompute_context, weighted_blend
+from .fusion_aligned import AlignedFusion
 from .mscam import CONTEXT_BATCH_NORMS, CONVS, MSCAM, check_dims, shape_name
 from .tracing import is_traced
 
@@ -202,8 +203,6 @@ def create_fusion(name: str, channels: int, r: int = 4, *, dims: int = 2, inputs
     fusion = cls(channels, r, **options)
     if in_channels is None and resize is None:
         return fusion
-    from .fusion_aligned import AlignedFusion  # the wrapper builds on this module
-
     return AlignedFusion(fusion, channels, in_channels or (channels,) * k, resize=resize or "nearest", dims=dims)
 
 
