@@ -18,9 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 
+from ..data.datasets import check_limit
 from ..errors import ConfigError, run_command
-from .fpn import is_segmenter
+from ..training import evaluate as evaluate_mod
+from ..training import train as train_mod
+from ..training.config import config_from_args
+from .fpn import SEGMENTERS, is_segmenter
+from .predict import predict
+from .rescore import rescore
 
 __all__ = ["add_parser"]
 
@@ -33,9 +41,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="list the registered segmenters")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(func=lambda args: run_command("openaff segment models", lambda: _models(args)))
-
-    from ..training import evaluate as evaluate_mod
-    from ..training import train as train_mod
 
     train_mod.add_parser(sub)
     sub.choices["train"].set_defaults(func=lambda args: run_command(
@@ -71,8 +76,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .fpn import SEGMENTERS
-
     if args.json:
         print(json.dumps(SEGMENTERS, indent=1))
     else:
@@ -81,8 +84,6 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the module)
-    from ..training.config import config_from_args
-
     if not args.resume and not args.list_recipes and not (args.recipe or hasattr(args, "model")):
         args.recipe = "segment-cpu"
     if not args.resume and not args.list_recipes:
@@ -98,12 +99,6 @@ def _eval(args: argparse.Namespace, evaluate_mod) -> int:  # noqa: ANN001  (the 
 
 
 def _rescore(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
-    from ..data.datasets import check_limit
-    from .rescore import rescore
-
     check_limit(args.limit, "--limit")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
@@ -118,8 +113,6 @@ def _rescore(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict
-
     res = predict(args.weights, args.output, images=args.images, data=args.data, data_dir=args.data_dir, n=args.n,
                   start=args.start, cols=args.cols, device=args.device, threads=args.threads)
     extra = f"; mIoU {res['miou']:.2f} %, pixel accuracy {res['pixel_acc']:.2f} % on them" if "miou" in res else ""
