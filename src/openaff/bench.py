@@ -454,9 +454,7 @@ class BenchSettings:
         Counts, ranges, choices, the device, the pairs and every model name with its suffixes; a model that
         fails while it runs (out of memory, a compiler error) is reported in the results instead.
         """
-        import timm
-
-        import openaff  # noqa: F401  (registers our models with timm)
+        import timm  # our models are registered: importing openaff.bench ran openaff/__init__.py
 
         minimum = {"--batch": (self.batch, 1), "--repeats": (self.repeats, 1), "--iters": (self.iters, 1),
                    "--warmup": (self.warmup, 0), "--img-size": (self.img_size, 1), "--in-chans": (self.in_chans, 1),

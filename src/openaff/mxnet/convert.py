@@ -41,7 +41,7 @@ import timm
 import torch
 from torch import nn
 
-from .. import hub
+from .. import __version__, hub
 from ..errors import CheckpointError, run_command
 from ..files import save_weights
 from ..model_card import write_conversion_card
@@ -370,8 +370,6 @@ def _resolve_model(arrays: Mapping[str, np.ndarray], spec: MXNetModelSpec, model
 
 
 def _header_metadata(src: Path, spec: MXNetModelSpec) -> dict:
-    from .. import __version__
-
     return {"source": src.name, "source_sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
             "source_format": "mxnet", "converted_by": f"openaff {__version__}", "family": spec.family}
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+import openaff
+
 from ..errors import OpenAFFError, one_line
 from ..files import atomic_write
 from ..training.config import TrainConfig, to_yaml
@@ -181,8 +183,6 @@ def train_in_process(cell: Cell, state: str, log: Path, trainer: Callable) -> No
 
 
 def _child_env(threads: int | None) -> dict[str, str]:
-    import openaff
-
     src = str(Path(openaff.__file__).resolve().parents[1])  # the children import this very openaff
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if threads:
