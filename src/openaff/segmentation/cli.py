@@ -22,7 +22,7 @@ import shlex
 import sys
 
 from ..data.datasets import check_limit
-from ..errors import ConfigError, run_command
+from ..errors import ConfigError, check_int, run_command
 from ..training import evaluate as evaluate_mod
 from ..training import train as train_mod
 from ..training.config import config_from_args
@@ -44,10 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     train_mod.add_parser(sub)
     sub.choices["train"].set_defaults(func=lambda args: run_command(
-        "openaff segment train", lambda: _train(args, train_mod)))
+        "openaff segment train", lambda: _train(args)))
     evaluate_mod.add_parser(sub)
     sub.choices["eval"].set_defaults(func=lambda args: run_command(
-        "openaff segment eval", lambda: _eval(args, evaluate_mod)))
+        "openaff segment eval", lambda: evaluate_mod.run_from_args(args)))
 
     q = sub.add_parser("predict", help="colour overlays and an image | truth | prediction grid")
     q.add_argument("--weights", required=True, help="a segmentation run or model folder")
@@ -83,7 +83,7 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the module)
+def _train(args: argparse.Namespace) -> int:
     if not args.resume and not args.list_recipes and not (args.recipe or hasattr(args, "model")):
         args.recipe = "segment-cpu"
     if not args.resume and not args.list_recipes:
@@ -94,14 +94,9 @@ def _train(args: argparse.Namespace, train_mod) -> int:  # noqa: ANN001  (the mo
     return train_mod.run_from_args(args)
 
 
-def _eval(args: argparse.Namespace, evaluate_mod) -> int:  # noqa: ANN001  (the module)
-    return evaluate_mod.run_from_args(args)
-
-
 def _rescore(args: argparse.Namespace) -> int:
     check_limit(args.limit, "--limit")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    check_int(args.batch_size, "--batch-size must be positive")
     command = "openaff segment rescore " + shlex.join(sys.argv[sys.argv.index("rescore") + 1:]) \
         if "rescore" in sys.argv else ""
     res = rescore(args.study, args.output, split=args.split, limit=args.limit, baseline=args.baseline,
